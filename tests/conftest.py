@@ -1,0 +1,96 @@
+"""Shared fixtures: the recipes under test, tiny synthetic CIFAR-10 caches, and small helpers.
+
+A recipe script joins the whole suite by getting an entry in RECIPES.
+"""
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+REAL_DATA_DIR = os.environ.get('CIFAR10_DIR')
+
+# Every script that shares the airbench API, with the facts its tests check it against.
+RECIPES = {
+    'airbench94': {'params': 1_972_792},  # the paper's "1.97 million parameters"
+}
+
+# Small enough that a CPU step takes milliseconds; the recipe is otherwise unchanged.
+TINY = {
+    'opt.batch_size': 32,
+    'opt.train_epochs': 2,
+    'net.widths': {'block1': 8, 'block2': 16, 'block3': 16},
+    'net.whiten_images': 64,
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason='needs CUDA')
+    skip_slow = pytest.mark.skip(reason='set CIFAR10_DIR to a CIFAR-10 cache to run')
+    for item in items:
+        if 'gpu' in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+        if 'slow' in item.keywords and not REAL_DATA_DIR:
+            item.add_marker(skip_slow)
+
+
+@pytest.fixture(params=list(RECIPES))
+def recipe(request):
+    return importlib.import_module(request.param)
+
+
+@pytest.fixture(autouse=True)
+def no_inherited_data_dir(monkeypatch):
+    """Tests name their data folder; the CIFAR10_DIR set for the slow tests must not leak into them."""
+    monkeypatch.delenv('CIFAR10_DIR', raising=False)
+
+
+@pytest.fixture
+def real_data_dir():
+    """The folder of real CIFAR-10 images (or the JPEG stand-in) that slow tests train on."""
+    return REAL_DATA_DIR
+
+
+def tiny_hyp(recipe, **overrides):
+    """The recipe's hyp at test size; keyword overrides use '__' for '.' (opt__lr=1.0)."""
+    extra = {key.replace('__', '.'): value for key, value in overrides.items()}
+    return recipe.override_hyp(recipe.hyp, {**TINY, **extra})
+
+
+def write_cache(folder, n_train=256, n_test=128, seed=0):
+    """A cache in the airbench layout whose classes are learnable: each class has its own color,
+    under noise, so flips and translations keep the label and a few steps lower the loss."""
+    generator = torch.Generator().manual_seed(seed)
+    class_colors = torch.randint(40, 216, (10, 3), generator=generator)
+    os.makedirs(folder, exist_ok=True)
+    for split, n in (('train', n_train), ('test', n_test)):
+        labels = torch.arange(n) % 10
+        noise = torch.randint(-40, 41, (n, 32, 32, 3), generator=generator)
+        images = (class_colors[labels].view(n, 1, 1, 3) + noise).clamp(0, 255).to(torch.uint8)
+        torch.save({'images': images, 'labels': labels, 'classes': [str(c) for c in range(10)]},
+                   os.path.join(folder, f'{split}.pt'))
+    return folder
+
+
+@pytest.fixture(scope='session')
+def tiny_data(tmp_path_factory):
+    return write_cache(str(tmp_path_factory.mktemp('cifar10')))
+
+
+def tiny_loaders(recipe, data_dir, hyp):
+    return (recipe.CifarLoader(data_dir, True, hyp['opt']['batch_size'], hyp['aug'], device='cpu'),
+            recipe.CifarLoader(data_dir, False, 64, device='cpu'))
+
+
+def run_main(recipe, capsys, *argv):
+    """Runs recipe.main(argv) in this process: (exit status, stdout, stderr)."""
+    try:
+        recipe.main(list(argv))
+        status = 0
+    except SystemExit as exc:
+        status = exc.code
+    out, err = capsys.readouterr()
+    return status, out, err

@@ -1,0 +1,204 @@
+"""The command line: --set, the study and its log, statistics, and every failure's one-line message."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY, run_main
+
+TINY_ARGS = [arg for key, value in TINY.items() for arg in ('--set', f'{key}={value!r}')]
+
+
+def study_args(data_dir, log_dir, *extra):
+    return ['--data-dir', data_dir, '--log-dir', str(log_dir), '--device', 'cpu', *TINY_ARGS, *extra]
+
+
+def only_log(recipe, log_dir):
+    [folder] = os.listdir(os.path.join(log_dir, recipe.__name__))
+    return os.path.join(log_dir, recipe.__name__, folder)
+
+
+def read_summary(folder):
+    with open(os.path.join(folder, 'summary.json')) as file:
+        return json.load(file)
+
+
+@pytest.fixture
+def study(recipe, tiny_data, tmp_path, capsys):
+    """A complete two-run study through main(), on tiny data on the CPU."""
+    status, out, err = run_main(recipe, capsys, *study_args(tiny_data, tmp_path, '--runs', '2',
+                                                             '--seed', '7', '--set', 'opt.lr=10'))
+    return status, out, err, only_log(recipe, tmp_path)
+
+
+def test_study_prints_table_and_statistics(recipe, study):
+    status, out, err, _ = study
+    assert status == 0 and err == ''
+    assert out.count(' eval |') == 2 and out.count('run | epoch') == 1
+    assert 'mean TTA accuracy' in out and '95% CI' in out and 'mean time' in out
+
+
+def test_study_log_contents(recipe, study):
+    *_, folder = study
+    summary = read_summary(folder)
+    assert summary['format'] == recipe.LOG_FORMAT and summary['status'] == 'complete'
+    assert summary['script'] == f'{recipe.__name__}.py' and summary['n'] == 2
+    assert summary['hyp']['opt']['lr'] == 10.0 and summary['hyp']['opt']['batch_size'] == 32
+    assert summary['seed'] == 7
+    assert [run['seed'] for run in summary['runs']] == [recipe.run_seed(7, i) for i in range(2)]
+    accs = [run['tta_val_acc'] for run in summary['runs']]
+    assert summary['mean'] == pytest.approx(sum(accs) / 2)
+    assert summary['std'] == pytest.approx(abs(accs[0] - accs[1]) / math.sqrt(2))
+    assert summary['torch'] == torch.__version__ and summary['device'] == 'cpu'
+    assert '--runs 2' in summary['command'] and 'code' not in summary
+    log = torch.load(os.path.join(folder, 'log.pt'), weights_only=True)
+    with open(recipe.__file__) as file:
+        assert log['code'] == file.read()
+    assert torch.equal(log['accs'], torch.tensor(accs, dtype=torch.float64))
+    assert not [name for name in os.listdir(folder) if name.endswith('.tmp')]
+
+
+def test_same_seed_same_study(recipe, study, tiny_data, tmp_path, capsys):
+    *_, folder = study
+    again = tmp_path / 'again'
+    run_main(recipe, capsys, *study_args(tiny_data, again, '--runs', '1', '--seed', '7', '--set', 'opt.lr=10'))
+    first, repeat = read_summary(folder)['runs'][0], read_summary(only_log(recipe, again))['runs'][0]
+    assert first['seed'] == repeat['seed'] and first['tta_val_acc'] == repeat['tta_val_acc']
+
+
+def test_interrupt_keeps_finished_runs(recipe, tiny_data, tmp_path, capsys, monkeypatch):
+    real_train, calls = recipe.train, []
+
+    def train_then_interrupt(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_train(*args, **kwargs)
+    monkeypatch.setattr(recipe, 'train', train_then_interrupt)
+    status, _, err = run_main(recipe, capsys, *study_args(tiny_data, tmp_path, '--runs', '3'))
+    folder = only_log(recipe, tmp_path)
+    assert status == 130 and err.count('\n') == 1 and folder in err and '1 finished run' in err
+    summary = read_summary(folder)
+    assert summary['status'] == 'interrupted' and summary['n'] == 1 and len(summary['runs']) == 1
+
+
+def test_set_overrides(recipe):
+    parsed = recipe.parse_overrides(['opt.lr=10', 'aug.flip=False', "net.widths={'block1': 96}",
+                                     'opt.lr_knots=((0, 0.2), (0.1, 1), (1, 0))'])
+    new = recipe.override_hyp(recipe.hyp, parsed)
+    assert new['opt']['lr'] == 10.0 and isinstance(new['opt']['lr'], float)
+    assert new['aug']['flip'] is False and new['net']['widths']['block1'] == 96
+    assert new['net']['widths']['block2'] == recipe.hyp['net']['widths']['block2']
+    assert recipe.lr_multiplier(0.1, new['opt']['lr_knots']) == pytest.approx(1)
+    assert recipe.hyp['opt']['lr'] == 11.5  # the module's hyp is untouched
+
+
+@pytest.mark.parametrize('overrides, message', [
+    ({'opt.learning_rate': 1.0}, 'unknown hyp key'),
+    ({'net.widths.block4': 8}, 'unknown hyp key'),
+    ({'opt.batch_size': 512.5}, 'opt.batch_size must be of type int'),
+    ({'aug.flip': 'yes'}, 'aug.flip must be of type bool'),
+])
+def test_bad_overrides(recipe, overrides, message):
+    with pytest.raises(recipe.UserError, match=message):
+        recipe.override_hyp(recipe.hyp, overrides)
+
+
+def test_unknown_key_lists_valid_ones(recipe):
+    with pytest.raises(recipe.UserError) as error:
+        recipe.override_hyp(recipe.hyp, {'opt.nope': 1})
+    assert 'opt.lr' in str(error.value) and 'net.widths.block1' in str(error.value)
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--set', 'opt.lr'], '--set expects KEY=VALUE'),
+    (['--set', 'opt.momentum=1.5'], 'opt.momentum must be in [0, 1)'),
+    (['--set', 'net.tta_level=3'], 'net.tta_level must be 0, 1 or 2'),
+    (['--set', 'opt.lrr=1'], 'unknown hyp key'),
+    (['--set', 'opt.lr=fast'], "opt.lr must be of type float (like 11.5), not 'fast'"),
+    (['--runs', '0'], '--runs must be at least 1'),
+    (['--runs', 'many'], "invalid int value: 'many'"),
+    (['--device', 'tpu'], "unknown device 'tpu'"),
+])
+def test_bad_arguments_fail_in_one_line(recipe, tiny_data, tmp_path, capsys, args, message):
+    status, out, err = run_main(recipe, capsys, '--data-dir', tiny_data, '--log-dir', str(tmp_path), *args)
+    assert status in (1, 2) and message in err
+    assert err.count('\n') == 1 and 'Traceback' not in err
+    assert not os.path.exists(tmp_path / recipe.__name__)  # no log for a study that never started
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='this machine has CUDA')
+def test_cuda_without_cuda(recipe, tiny_data, tmp_path, capsys):
+    status, _, err = run_main(recipe, capsys, '--data-dir', tiny_data, '--device', 'cuda')
+    assert status == 1 and 'sees no CUDA GPU' in err and '--device cpu' in err
+
+
+def test_missing_data_offline(recipe, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(recipe, 'CIFAR10_URL', 'http://127.0.0.1:9/cifar-10-binary.tar.gz')
+    status, _, err = run_main(recipe, capsys, '--data-dir', str(tmp_path / 'none'), '--device', 'cpu',
+                              '--log-dir', str(tmp_path / 'logs'))
+    *progress, error = err.splitlines()  # a 'downloading ...' note, then the error
+    assert status == 1 and len(progress) == 1 and 'Traceback' not in err
+    assert 'http://127.0.0.1:9/cifar-10-binary.tar.gz' in error and str(tmp_path / 'none') in error
+
+
+def test_damaged_cache_through_main(recipe, tiny_data, tmp_path, capsys):
+    data_dir = tmp_path / 'data'
+    data_dir.mkdir()
+    (data_dir / 'train.pt').write_bytes(b'broken')
+    os.symlink(os.path.join(tiny_data, 'test.pt'), data_dir / 'test.pt')
+    status, _, err = run_main(recipe, capsys, '--data-dir', str(data_dir), '--device', 'cpu')
+    assert status == 1 and str(data_dir / 'train.pt') in err and err.count('\n') == 1
+
+
+def test_help_explains_every_option(recipe, capsys):
+    status, out, _ = run_main(recipe, capsys, '--help')
+    assert status == 0
+    for option in ('--runs', '--data-dir', '--device', '--log-dir', '--seed', '--no-warmup', '--set'):
+        assert option in out
+    assert 'CIFAR10_DIR' in out and 'KEY=VALUE' in out
+
+
+def test_script_process_exit_status_and_stderr(recipe, tmp_path):
+    """The real process, not main() in-process: a non-zero status and one line, no traceback."""
+    script = os.path.join(ROOT, f'{recipe.__name__}.py')
+    done = subprocess.run([sys.executable, script, '--data-dir', str(tmp_path), '--set', 'opt.nope=1'],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stdout == ''
+    assert done.stderr.count('\n') == 1 and done.stderr.startswith(f'{recipe.__name__}.py: error: unknown hyp key')
+
+
+def test_import_has_no_side_effects(recipe, tmp_path):
+    code = f'import sys; sys.argv = ["x", "--runs", "0"]; import {recipe.__name__}'
+    done = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, 'PYTHONPATH': ROOT})
+    assert done.returncode == 0 and done.stdout == '' and done.stderr == ''
+    assert os.listdir(tmp_path) == []
+
+
+def test_student_t_critical_values(recipe):
+    # Reference values from any table of Student's t (two-sided 95%).
+    for df, t in [(1, 12.7062), (2, 4.3027), (4, 2.7764), (9, 2.2622), (24, 2.0639), (999, 1.9623)]:
+        assert recipe.t_critical(df) == pytest.approx(t, abs=1e-4)
+
+
+def test_summary_statistics(recipe):
+    results = [{'tta_val_acc': a, 'val_acc': a - 0.01, 'time_seconds': t}
+               for a, t in [(0.93, 3.0), (0.94, 4.0), (0.95, 5.0)]]
+    stats = recipe.summarize(results)
+    assert stats['n'] == 3 and stats['mean'] == pytest.approx(0.94)
+    assert stats['std'] == pytest.approx(0.01) and stats['mean_time_seconds'] == pytest.approx(4.0)
+    half_width = 4.3027 * 0.01 / math.sqrt(3)
+    assert stats['ci95'] == pytest.approx([0.94 - half_width, 0.94 + half_width], abs=1e-6)
+    single = recipe.summarize(results[:1])
+    assert single['std'] is None and single['ci95'] is None and single['mean'] == 0.93
+
+
+def test_run_seeds_are_distinct_and_stable(recipe):
+    seeds = [recipe.run_seed(0, i) for i in range(100)] + [recipe.run_seed(1, i) for i in range(100)]
+    assert len(set(seeds)) == 200 and all(0 <= s < 2 ** 63 for s in seeds)
+    assert recipe.run_seed(0, 5) == recipe.run_seed(0, 5)

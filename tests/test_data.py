@@ -1,0 +1,215 @@
+"""The data contract: the binary tarball, the download, the cache, and the loader's augmentations."""
+import hashlib
+import io
+import os
+import tarfile
+
+import pytest
+import torch
+
+from conftest import write_cache
+
+
+def make_tarball(path, records_per_batch=3, seed=0):
+    """A tarball in the layout of cifar-10-binary.tar.gz with a few random records per batch file;
+    returns the expected {'train': (images, labels), 'test': ...} decoded independently of the code."""
+    generator = torch.Generator().manual_seed(seed)
+    names = {'train': [f'data_batch_{i}.bin' for i in range(1, 6)], 'test': ['test_batch.bin']}
+    expected = {}
+    with tarfile.open(path, 'w:gz') as tar:
+        for split, files in names.items():
+            images, labels = [], []
+            for name in files:
+                label = torch.randint(0, 10, (records_per_batch,), generator=generator)
+                planes = torch.randint(0, 256, (records_per_batch, 3, 32, 32), generator=generator)
+                raw = b''.join(bytes([int(label[i])]) + bytes(planes[i].flatten().tolist())
+                               for i in range(records_per_batch))
+                info = tarfile.TarInfo(f'cifar-10-batches-bin/{name}')
+                info.size = len(raw)
+                tar.addfile(info, io.BytesIO(raw))
+                images.append(planes.permute(0, 2, 3, 1))  # R, G, B planes -> H x W x C
+                labels.append(label)
+            expected[split] = (torch.cat(images).to(torch.uint8), torch.cat(labels))
+    return expected
+
+
+@pytest.fixture
+def crafted_tarball(tmp_path, recipe, monkeypatch):
+    """A crafted tarball served from a file:// URL, with the recipe's md5 patched to match it."""
+    path = tmp_path / 'served' / 'cifar-10-binary.tar.gz'
+    path.parent.mkdir()
+    expected = make_tarball(str(path))
+    monkeypatch.setattr(recipe, 'CIFAR10_URL', path.as_uri())
+    monkeypatch.setattr(recipe, 'CIFAR10_MD5', hashlib.md5(path.read_bytes()).hexdigest())
+    return path, expected
+
+
+def test_download_parse_and_cache(recipe, crafted_tarball, tmp_path):
+    data_dir = tmp_path / 'cifar10'
+    _, expected = crafted_tarball
+    for split in ('train', 'test'):
+        data = recipe.load_cifar10(str(data_dir), train=(split == 'train'))
+        images, labels = expected[split]
+        assert torch.equal(data['images'], images)
+        assert torch.equal(data['labels'], labels)
+        assert data['labels'].dtype == torch.int64 and len(data['classes']) == 10
+    assert sorted(os.listdir(data_dir)) == ['cifar-10-binary.tar.gz', 'test.pt', 'train.pt']
+    cached = torch.load(data_dir / 'train.pt', weights_only=True)  # the airbench cache layout
+    assert set(cached) == {'images', 'labels', 'classes'}
+
+
+def test_tarball_by_hand_is_used_without_download(recipe, crafted_tarball, tmp_path, monkeypatch):
+    data_dir = tmp_path / 'cifar10'
+    data_dir.mkdir()
+    served, expected = crafted_tarball
+    os.replace(served, data_dir / 'cifar-10-binary.tar.gz')
+    monkeypatch.setattr(recipe, 'CIFAR10_URL', 'http://127.0.0.1:9/unreachable.tar.gz')
+    data = recipe.load_cifar10(str(data_dir), train=False)
+    assert torch.equal(data['labels'], expected['test'][1])
+
+
+def test_offline_names_url_file_and_folder(recipe, tmp_path, monkeypatch):
+    url = 'http://127.0.0.1:9/cifar-10-binary.tar.gz'  # port 9 (discard) refuses at once
+    monkeypatch.setattr(recipe, 'CIFAR10_URL', url)
+    with pytest.raises(recipe.UserError) as error:
+        recipe.load_cifar10(str(tmp_path / 'cifar10'))
+    message = str(error.value)
+    assert url in message and 'cifar-10-binary.tar.gz' in message
+    assert str(tmp_path / 'cifar10') in message and '\n' not in message
+    assert os.listdir(tmp_path / 'cifar10') == []  # no partial download left behind
+
+
+def test_md5_mismatch_removes_the_file(recipe, tmp_path):
+    data_dir = tmp_path / 'cifar10'
+    data_dir.mkdir()
+    (data_dir / 'cifar-10-binary.tar.gz').write_bytes(b'not the dataset')
+    with pytest.raises(recipe.UserError, match='removed'):
+        recipe.load_cifar10(str(data_dir))
+    assert not (data_dir / 'cifar-10-binary.tar.gz').exists()
+
+
+def test_tarball_with_bad_records(recipe, tmp_path, monkeypatch):
+    path = tmp_path / 'cifar-10-binary.tar.gz'
+    with tarfile.open(path, 'w:gz') as tar:
+        info = tarfile.TarInfo('cifar-10-batches-bin/data_batch_1.bin')
+        info.size = 100
+        tar.addfile(info, io.BytesIO(b'x' * 100))
+    monkeypatch.setattr(recipe, 'CIFAR10_MD5', hashlib.md5(path.read_bytes()).hexdigest())
+    with pytest.raises(recipe.UserError, match='not a readable CIFAR-10 binary tarball'):
+        recipe.load_cifar10(str(tmp_path))
+
+
+def damage_truncate(path):
+    path.write_bytes(path.read_bytes()[:1000])
+
+
+def damage_garbage(path):
+    path.write_bytes(b'\x00garbage' * 100)
+
+
+def damage_wrong_content(path):
+    torch.save({'images': torch.zeros(4, 3, 32, 32)}, path)
+
+
+@pytest.mark.parametrize('damage', [damage_truncate, damage_garbage, damage_wrong_content])
+def test_damaged_cache_is_named(recipe, tmp_path, damage):
+    data_dir = write_cache(str(tmp_path / 'cifar10'), n_train=20, n_test=10)
+    path = tmp_path / 'cifar10' / 'train.pt'
+    damage(path)
+    with pytest.raises(recipe.UserError) as error:
+        recipe.load_cifar10(data_dir, train=True)
+    assert str(path) in str(error.value) and 'delete' in str(error.value)
+    assert '\n' not in str(error.value)
+
+
+def test_default_data_dir_follows_environment(recipe, monkeypatch):
+    assert recipe.default_data_dir() == 'cifar10'
+    monkeypatch.setenv('CIFAR10_DIR', '/somewhere/else')
+    assert recipe.default_data_dir() == '/somewhere/else'
+
+
+# ---- the loader --------------------------------------------------------------------------------
+
+def asymmetric_cache(folder, n=64):
+    """Images that differ from their own mirror image and from every translate of each other."""
+    write_cache(folder, n_train=n, n_test=8)
+    data = torch.load(os.path.join(folder, 'train.pt'), weights_only=True)
+    data['images'] = torch.randint(0, 256, data['images'].shape, generator=torch.Generator().manual_seed(1),
+                                   dtype=torch.uint8)
+    torch.save(data, os.path.join(folder, 'train.pt'))
+    return folder
+
+
+def one_epoch(loader):
+    """The epoch's images in dataset order (the loader must not shuffle) as one tensor."""
+    return torch.cat([inputs for inputs, _ in loader])
+
+
+def test_alternating_flip_over_epochs(recipe, tmp_path):
+    n = 64
+    loader = recipe.CifarLoader(asymmetric_cache(str(tmp_path)), True, n, aug={'flip': True},
+                                shuffle=False, device='cpu')
+    plain = loader.normalize(loader.images)
+    flipped_in = []
+    for _ in range(6):
+        epoch = one_epoch(loader)
+        is_flipped = (epoch == plain.flip(-1)).flatten(1).all(1)
+        assert ((epoch == plain).flatten(1).all(1) ^ is_flipped).all()  # each image: as is, or mirrored
+        flipped_in.append(is_flipped)
+    assert 0.25 < flipped_in[0].float().mean() < 0.75  # the first epoch flips about half at random
+    for before, after in zip(flipped_in, flipped_in[1:]):
+        assert torch.equal(after, ~before)  # then every image the other way each epoch
+
+
+def test_translation_range(recipe, tmp_path):
+    n, r = 64, 2
+    loader = recipe.CifarLoader(asymmetric_cache(str(tmp_path)), True, n, aug={'translate': r},
+                                shuffle=False, device='cpu')
+    padded = torch.nn.functional.pad(loader.normalize(loader.images), (r,) * 4, mode='reflect')
+    shifts_seen = set()
+    for _ in range(4):
+        for i, image in enumerate(one_epoch(loader)):
+            matches = [(dy, dx) for dy in range(2 * r + 1) for dx in range(2 * r + 1)
+                       if torch.equal(image, padded[i, :, dy:dy + 32, dx:dx + 32])]
+            assert len(matches) == 1  # a translate of its own image by at most r pixels
+            shifts_seen.add(matches[0])
+    assert len(shifts_seen) == (2 * r + 1) ** 2  # and every shift occurs
+
+
+def test_batches_cover_each_image_once(recipe, tiny_data):
+    loader = recipe.CifarLoader(tiny_data, True, 50, device='cpu')
+    batches = list(loader)
+    assert len(batches) == len(loader) == 256 // 50  # the partial last batch is dropped
+    labels = torch.cat([labels for _, labels in batches])
+    assert len(labels) == 250 and not torch.equal(labels, loader.labels[:250])  # reshuffled
+    test_loader = recipe.CifarLoader(tiny_data, False, 50, device='cpu')
+    assert len(test_loader) == 3 and torch.equal(torch.cat([l for _, l in test_loader]), test_loader.labels)
+
+
+def test_loader_serves_a_masked_subset(recipe, tiny_data):
+    loader = recipe.CifarLoader(tiny_data, True, 16, aug={'flip': True, 'translate': 2}, device='cpu')
+    list(loader)  # an epoch on the full set first
+    mask = loader.labels < 6
+    loader.images, loader.labels = loader.images[mask], loader.labels[mask]
+    labels = torch.cat([labels for _, labels in loader])
+    assert len(loader) == int(mask.sum()) // 16 and (labels < 6).all()
+
+
+def test_loader_rejects_mismatched_mask_and_unknown_aug(recipe, tiny_data):
+    with pytest.raises(recipe.UserError, match='unknown augmentation cutout'):
+        recipe.CifarLoader(tiny_data, True, 16, aug={'cutout': 12}, device='cpu')
+    loader = recipe.CifarLoader(tiny_data, True, 16, device='cpu')
+    loader.images = loader.images[:10]
+    with pytest.raises(recipe.UserError, match='same mask'):
+        next(iter(loader))
+
+
+def test_normalize_standardizes_channels(recipe, tiny_data):
+    images = torch.randint(0, 256, (4096, 2, 2, 3), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    normalized = recipe.CifarLoader(tiny_data, True, 16, device='cpu').normalize(images)
+    assert normalized.shape == (4096, 3, 2, 2) and normalized.dtype == torch.float32
+    mean = torch.tensor(recipe.CIFAR10_MEAN) * 255
+    std = torch.tensor(recipe.CIFAR10_STD) * 255
+    expected = (images.float().mean((0, 1, 2)) - mean) / std
+    assert torch.allclose(normalized.mean((0, 2, 3)), expected, atol=1e-4)

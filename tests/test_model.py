@@ -1,0 +1,221 @@
+"""The network, its initialization, the optimizer and schedule, Lookahead, TTA and training."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import RECIPES, tiny_hyp, tiny_loaders
+
+
+def test_shapes_and_parameter_count(recipe):
+    model = recipe.make_net(recipe.hyp['net'])
+    assert sum(p.numel() for p in model.parameters()) == RECIPES[recipe.__name__]['params']
+    sizes = {}
+    def record_size(module, inputs, output):
+        sizes[module] = output.shape[-1]
+    for name in ('whiten', 'block1', 'block2', 'block3', 'pool'):
+        getattr(model, name).register_forward_hook(record_size)
+    logits = model(torch.randn(2, 3, 32, 32))
+    assert logits.shape == (2, 10) and logits.dtype == torch.float32
+    assert [sizes[getattr(model, name)] for name in ('whiten', 'block1', 'block2', 'block3', 'pool')] \
+        == [31, 15, 7, 3, 1]
+
+
+def test_frozen_and_trainable_parameters(recipe):
+    model = recipe.make_net(recipe.hyp['net'])
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms and all(not m.weight.requires_grad and m.bias.requires_grad for m in norms)
+    assert all(m.eps == 1e-12 and m.momentum == pytest.approx(0.4) for m in norms)
+    assert all((m.weight == 1).all() for m in norms)
+    assert not model.whiten.weight.requires_grad and model.whiten.bias.requires_grad
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m is not model.whiten]
+    assert all(m.bias is None for m in convs) and model.head.bias is None
+
+
+def test_logits_are_scaled(recipe):
+    model = recipe.make_net(recipe.hyp['net']).eval()
+    x = torch.randn(2, 3, 32, 32)
+    unscaled = model.head(model[:-2](x).flatten(1))
+    assert torch.allclose(model(x), unscaled * recipe.hyp['net']['scaling_factor'])
+
+
+def test_dirac_init_passes_input_through(recipe):
+    model = recipe.make_net(recipe.hyp['net'])
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m is not model.whiten]
+    for conv in convs:
+        x = torch.randn(2, conv.in_channels, 7, 7)
+        with torch.no_grad():
+            y = conv(x)
+        assert torch.allclose(y[:, :conv.in_channels], x, atol=1e-6)
+        if conv.out_channels > conv.in_channels:  # the rest keep PyTorch's random init
+            assert y[:, conv.in_channels:].abs().sum() > 0
+
+
+def correlated_images(n=2000, seed=0):
+    """Smooth, channel-correlated images, like natural ones: their patches are far from white."""
+    generator = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, 1, 8, 8, generator=generator)
+    smooth = nn.functional.interpolate(base, size=32, mode='bilinear', align_corners=False)
+    return smooth.repeat(1, 3, 1, 1) + 0.3 * torch.randn(n, 3, 32, 32, generator=generator)
+
+
+def test_whitening_init_whitens_patches(recipe):
+    images = correlated_images()
+    conv = recipe.make_net(recipe.hyp['net']).whiten
+    recipe.init_whitening_conv(conv, images, eps=5e-4)
+    with torch.no_grad():
+        out = nn.functional.conv2d(images, conv.weight)  # without the bias
+    first, second = out[:, :12], out[:, 12:]
+    assert torch.equal(second, -first)
+    flat = first.permute(0, 2, 3, 1).reshape(-1, 12)
+    covariance = flat.T @ flat / len(flat)
+    assert torch.allclose(covariance, torch.eye(12), atol=0.01)
+    raw = nn.functional.unfold(images, 2).transpose(1, 2).reshape(-1, 12)
+    spectrum = torch.linalg.eigvalsh(raw.T @ raw / len(raw))
+    assert spectrum.max() > 100 * spectrum.min()  # while the input patches were far from white
+
+
+def test_lr_schedule_knots(recipe):
+    knots = recipe.hyp['opt']['lr_knots']
+    assert [recipe.lr_multiplier(x, knots) for x in (0, 0.23, 1)] == pytest.approx([0.2, 1.0, 0.07])
+    assert recipe.lr_multiplier(0.115, knots) == pytest.approx(0.6)  # halfway up
+    assert recipe.lr_multiplier(0.615, knots) == pytest.approx(0.535)  # halfway down
+
+
+def test_optimizer_groups_in_decoupled_form(recipe):
+    opt = recipe.hyp['opt']
+    model = recipe.make_net(recipe.hyp['net'])
+    optimizer = recipe.make_optimizer(model, opt)
+    biases, others = optimizer.param_groups
+    lr = opt['lr'] / (1024 * (1 + 1 / (1 - opt['momentum'])))
+    assert others['lr'] == pytest.approx(lr) and biases['lr'] == pytest.approx(64 * lr)
+    # The decay each step applies (PyTorch: lr * weight_decay) is the same for both groups.
+    decay = opt['weight_decay'] * opt['batch_size'] / (1024 * (1 + 1 / (1 - opt['momentum'])))
+    for group in (biases, others):
+        assert group['lr'] * group['weight_decay'] == pytest.approx(decay)
+        assert group['nesterov'] and group['momentum'] == 0.85
+    norm_biases = {id(m.bias) for m in model.modules() if isinstance(m, nn.BatchNorm2d)}
+    assert {id(p) for p in biases['params']} == norm_biases
+    trained = {id(p) for p in others['params']}
+    assert id(model.whiten.bias) in trained and id(model.whiten.weight) not in trained
+    assert len(trained) == 8  # the whitening bias, six convs, the head
+
+
+def test_lookahead_arithmetic(recipe):
+    net = nn.Sequential(nn.Linear(2, 1, bias=False), nn.BatchNorm1d(1))
+    with torch.no_grad():
+        net[0].weight.fill_(1.0)
+    state = recipe.LookaheadState(net)
+    with torch.no_grad():
+        net[0].weight.fill_(3.0)
+    net[1].num_batches_tracked += 7
+    state.update(net, decay=0.75)
+    assert torch.allclose(net[0].weight, torch.full((1, 2), 1.5))  # 0.75 * 1 + 0.25 * 3
+    assert torch.allclose(state.net_ema['0.weight'], torch.full((1, 2), 1.5))
+    assert net[1].num_batches_tracked == 7  # integer buffers are not averaged
+    with torch.no_grad():
+        net[0].weight.fill_(5.0)
+    state.update(net, decay=1.0)  # the final update: back to the average, which stays put
+    assert torch.allclose(net[0].weight, torch.full((1, 2), 1.5))
+
+
+class Probe(nn.Module):
+    """A model whose logits are the mean of each channel and of its top-left pixel, so every view
+    gives different logits that can be computed by hand."""
+
+    def forward(self, x):
+        return torch.cat([x.mean((2, 3)), x[:, :, 0, 0], x[:, :, 0, -1], x[:, :1, -1, 0]], 1)[:, :10]
+
+
+def test_tta_levels(recipe, tiny_data):
+    loader = recipe.CifarLoader(tiny_data, False, 50, device='cpu')
+    x = loader.normalize(loader.images)
+    probe = Probe()
+    padded = nn.functional.pad(x, (1,) * 4, mode='reflect')
+
+    def both(view):
+        return 0.5 * probe(view) + 0.5 * probe(view.flip(-1))
+    expected = {
+        0: probe(x),
+        1: both(x),
+        2: 0.5 * both(x) + 0.25 * both(padded[..., :32, :32]) + 0.25 * both(padded[..., 2:, 2:]),
+    }
+    for level, logits in expected.items():
+        assert torch.allclose(recipe.infer(probe, loader, level), logits, atol=1e-6)
+    assert not torch.allclose(expected[1], expected[2])
+    with pytest.raises(recipe.UserError, match='tta_level'):
+        recipe.infer(probe, loader, 3)
+
+
+def test_infer_keeps_dataset_order(recipe, tiny_data):
+    loader = recipe.CifarLoader(tiny_data, True, 50, aug={'flip': True, 'translate': 2}, device='cpu')
+    model = recipe.make_net(tiny_hyp(recipe)['net'])
+    model.eval()
+    with torch.no_grad():
+        direct = model(loader.normalize(loader.images))
+    assert torch.allclose(recipe.infer(model, loader), direct, atol=1e-5)  # no shuffle, no augmentation
+    assert model.training is False
+
+
+def train_tiny(recipe, data_dir, seed, **overrides):
+    hyp = tiny_hyp(recipe, **overrides)
+    torch.manual_seed(seed)
+    train_loader, test_loader = tiny_loaders(recipe, data_dir, hyp)
+    return recipe.train(hyp, train_loader, test_loader, device='cpu', run=seed)
+
+
+def test_training_is_seeded_and_learns(recipe, tiny_data):
+    model_a, result_a = train_tiny(recipe, tiny_data, seed=0)
+    model_b, result_b = train_tiny(recipe, tiny_data, seed=0)
+    model_c, _ = train_tiny(recipe, tiny_data, seed=1)
+    for (name, a), b, c in zip(model_a.state_dict().items(), model_b.state_dict().values(),
+                               model_c.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert any(not torch.equal(a, c) for a, c in zip(model_a.state_dict().values(),
+                                                      model_c.state_dict().values()))
+    assert result_a['tta_val_acc'] == result_b['tta_val_acc']
+    assert result_a['steps'] == math.ceil(256 // 32 * 2)
+    assert result_a['tta_val_acc'] > 0.25  # ten colors under noise: well above chance (0.1) in 16 steps
+    assert result_a['time_seconds'] > 0
+
+
+def test_whitening_bias_trains_only_its_epochs(recipe, tiny_data):
+    frozen, _ = train_tiny(recipe, tiny_data, seed=0, opt__whiten_bias_epochs=0)
+    trained, _ = train_tiny(recipe, tiny_data, seed=0, opt__whiten_bias_epochs=1)
+    assert torch.equal(frozen.whiten.bias, torch.zeros(24))
+    assert trained.whiten.bias.abs().sum() > 0
+
+
+def test_train_on_a_masked_loader_with_overrides(recipe, tiny_data):
+    """The airbench front page's data-selection use: a caller's loader, a subset, changed hyp."""
+    hyp = tiny_hyp(recipe, opt__label_smoothing=0.0, opt__train_epochs=3)
+    train_loader, test_loader = tiny_loaders(recipe, tiny_data, hyp)
+    mask = train_loader.labels % 2 == 0
+    train_loader.images = train_loader.images[mask]
+    train_loader.labels = train_loader.labels[mask]
+    model, result = recipe.train(hyp, train_loader, test_loader)
+    assert result['steps'] == math.ceil(int(mask.sum()) // 32 * 3)
+    predictions = recipe.infer(model, test_loader).argmax(1)
+    assert (predictions % 2 == 0).float().mean() > 0.9  # it learned only the classes it saw
+
+
+def test_too_few_images_for_a_batch(recipe, tiny_data):
+    hyp = tiny_hyp(recipe)
+    train_loader, test_loader = tiny_loaders(recipe, tiny_data, hyp)
+    train_loader.images, train_loader.labels = train_loader.images[:10], train_loader.labels[:10]
+    with pytest.raises(recipe.UserError, match='no full batch'):
+        recipe.train(hyp, train_loader, test_loader)
+
+
+@pytest.mark.gpu
+def test_cuda_training_uses_half_precision(recipe, tiny_data):
+    hyp = tiny_hyp(recipe)
+    train_loader = recipe.CifarLoader(tiny_data, True, 32, hyp['aug'], device='cuda')
+    test_loader = recipe.CifarLoader(tiny_data, False, 64, device='cuda')
+    inputs, _ = next(iter(train_loader))
+    assert inputs.dtype == torch.float16 and inputs.is_contiguous(memory_format=torch.channels_last)
+    model, result = recipe.train(hyp, train_loader, test_loader)
+    assert model.head.weight.dtype == torch.float16
+    assert all(m.bias.dtype == torch.float32 for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    assert result['tta_val_acc'] > 0.5 and result['time_seconds'] > 0
