@@ -268,7 +268,8 @@ class CifarLoader:
                  shuffle=None, device=None):
         unknown = sorted(set(aug or {}) - set(self.AUGMENTATIONS))
         if unknown:
-            raise UserError(f'unknown augmentation {", ".join(unknown)}; known: {", ".join(self.AUGMENTATIONS)}')
+            raise UserError(f'unknown augmentation {", ".join(unknown)}; '
+                            f'known: {", ".join(self.AUGMENTATIONS)}')
         data = load_cifar10(data_dir, train)
         self.device = torch.device(device) if device is not None else default_device()
         self.images = data['images'].to(self.device)
@@ -915,6 +916,11 @@ def main(argv=None):
             fail('interrupted before the study started; nothing was logged', status=130)
         log.close('interrupted')
         fail(f'interrupted; {len(log.results)} finished run(s) kept in {log.dir}', status=130)
+    except Exception:  # a bug or e.g. out of memory: the traceback matters, and so do the finished runs
+        if log is not None:
+            log.close('failed')
+            print(f'{SCRIPT}.py: {len(log.results)} finished run(s) kept in {log.dir}', file=sys.stderr)
+        raise
 
 
 def fail(message, status=1):

@@ -13,9 +13,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 REAL_DATA_DIR = os.environ.get('CIFAR10_DIR')
 
-# Every script that shares the airbench API, with the facts its tests check it against.
+# Every script that shares the airbench API, with the facts its tests check it against: its
+# parameter count, its published hyperparameters, and the bound of its slow test (see test_slow.py).
 RECIPES = {
-    'airbench94': {'params': 1_972_792},  # the paper's "1.97 million parameters"
+    'airbench94': {
+        'params': 1_972_792,  # the paper's "1.97 million parameters"
+        'hyp': {
+            'opt.train_epochs': 9.9, 'opt.batch_size': 1024, 'opt.lr': 11.5, 'opt.momentum': 0.85,
+            'opt.weight_decay': 0.0153, 'opt.bias_scaler': 64.0, 'opt.label_smoothing': 0.2,
+            'opt.lr_knots': ((0.0, 0.2), (0.23, 1.0), (1.0, 0.07)), 'opt.whiten_bias_epochs': 3,
+            'opt.lookahead_every': 5, 'opt.lookahead_decay': 0.95,
+            'aug.flip': True, 'aug.translate': 2,
+            'net.widths.block1': 64, 'net.widths.block2': 256, 'net.widths.block3': 256,
+            'net.batchnorm_momentum': 0.6,
+            'net.scaling_factor': 1 / 9, 'net.whiten_images': 5000, 'net.whiten_eps': 5e-4,
+            'net.tta_level': 2,
+        },
+        'slow_tta_acc_above': 0.70,
+    },
 }
 
 # Small enough that a CPU step takes milliseconds; the recipe is otherwise unchanged.

@@ -65,7 +65,8 @@ def test_study_log_contents(recipe, study):
 def test_same_seed_same_study(recipe, study, tiny_data, tmp_path, capsys):
     *_, folder = study
     again = tmp_path / 'again'
-    run_main(recipe, capsys, *study_args(tiny_data, again, '--runs', '1', '--seed', '7', '--set', 'opt.lr=10'))
+    run_main(recipe, capsys, *study_args(tiny_data, again, '--runs', '1', '--seed', '7',
+                                         '--set', 'opt.lr=10'))
     first, repeat = read_summary(folder)['runs'][0], read_summary(only_log(recipe, again))['runs'][0]
     assert first['seed'] == repeat['seed'] and first['tta_val_acc'] == repeat['tta_val_acc']
 
@@ -169,7 +170,8 @@ def test_script_process_exit_status_and_stderr(recipe, tmp_path):
     done = subprocess.run([sys.executable, script, '--data-dir', str(tmp_path), '--set', 'opt.nope=1'],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and done.stdout == ''
-    assert done.stderr.count('\n') == 1 and done.stderr.startswith(f'{recipe.__name__}.py: error: unknown hyp key')
+    assert done.stderr.count('\n') == 1
+    assert done.stderr.startswith(f'{recipe.__name__}.py: error: unknown hyp key')
 
 
 def test_import_has_no_side_effects(recipe, tmp_path):

@@ -22,6 +22,15 @@ def test_shapes_and_parameter_count(recipe):
         == [31, 15, 7, 3, 1]
 
 
+def test_hyp_matches_the_published_recipe(recipe):
+    def lookup(key):
+        value = recipe.hyp
+        for name in key.split('.'):
+            value = value[name]
+        return value
+    assert {key: lookup(key) for key in recipe.hyp_keys(recipe.hyp)} == RECIPES[recipe.__name__]['hyp']
+
+
 def test_frozen_and_trainable_parameters(recipe):
     model = recipe.make_net(recipe.hyp['net'])
     norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
@@ -73,7 +82,7 @@ def test_whitening_init_whitens_patches(recipe):
     assert torch.allclose(covariance, torch.eye(12), atol=0.01)
     raw = nn.functional.unfold(images, 2).transpose(1, 2).reshape(-1, 12)
     spectrum = torch.linalg.eigvalsh(raw.T @ raw / len(raw))
-    assert spectrum.max() > 100 * spectrum.min()  # while the input patches were far from white
+    assert spectrum.max() > 20 * spectrum.min()  # while the input patches were far from white
 
 
 def test_lr_schedule_knots(recipe):
