@@ -34,6 +34,7 @@ import ast
 import copy
 import datetime
 import hashlib
+import http.client
 import json
 import math
 import os
@@ -44,6 +45,7 @@ import tarfile
 import tempfile
 import time
 import urllib.request
+import zlib
 from collections import OrderedDict
 
 import torch
@@ -142,8 +144,10 @@ def read_cache(path):
     remedy = f'delete {path} and run again to rebuild it'
     try:
         data = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as exc:  # a truncated zip, a pickle of the wrong kind, a disk error: all say the same
-        raise UserError(f'cannot read the CIFAR-10 cache {path} ({first_line(exc)}); {remedy}') from None
+    except OSError as exc:  # permissions, a disk error: the file itself may be fine
+        raise UserError(f'cannot read the CIFAR-10 cache {path} ({first_line(exc)})') from None
+    except Exception as exc:  # a truncated zip, a pickle of the wrong kind: the content is damaged
+        raise UserError(f'cannot load the CIFAR-10 cache {path} ({first_line(exc)}); {remedy}') from None
     images = data.get('images') if isinstance(data, dict) else None
     labels = data.get('labels') if isinstance(data, dict) else None
     if not (isinstance(images, torch.Tensor) and images.dtype == torch.uint8
@@ -168,22 +172,18 @@ def build_cache(data_dir):
         raise UserError(f'{tarball} has md5 {actual_md5}, not {CIFAR10_MD5}: it is damaged or not '
                         f'CIFAR-10, so it was removed; run again to download it afresh')
     for split, data in parse_cifar10_tarball(tarball).items():
-        atomic_write(os.path.join(data_dir, f'{split}.pt'), lambda file, data=data: torch.save(data, file))
+        atomic_write(os.path.join(data_dir, f'{split}.pt'),
+                     lambda file, data=data: torch.save(data, file))
 
 
 def download(url, path):
     print(f'downloading {url} to {path}', file=sys.stderr)
-    partial = path + '.part'
     try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(partial, 'wb') as file:
-            shutil.copyfileobj(response, file, 1 << 20)
-        os.replace(partial, path)
-    except (OSError, ValueError) as exc:  # URLError and timeouts are OSErrors
+        with urllib.request.urlopen(url, timeout=60) as response:
+            atomic_write(path, lambda file: shutil.copyfileobj(response, file, 1 << 20))
+    except (OSError, ValueError, http.client.HTTPException) as exc:  # URLError, timeouts: OSError
         raise UserError(f'cannot download {url} ({first_line(exc)}); download {CIFAR10_TARBALL} by '
                         f'hand and put it in {os.path.abspath(os.path.dirname(path))}/') from None
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
 
 
 def md5_of(path):
@@ -199,16 +199,23 @@ def parse_cifar10_tarball(path):
     known members are read, and as bytes: nothing is unpickled or extracted to disk."""
     try:
         with tarfile.open(path, 'r:gz') as tar:
-            return {split: parse_records(b''.join(tar.extractfile(name).read() for name in names))
+            return {split: parse_records(b''.join(read_member(tar, name) for name in names))
                     for split, names in TARBALL_MEMBERS.items()}
-    except (tarfile.TarError, KeyError, OSError, EOFError) as exc:
+    except (tarfile.TarError, KeyError, OSError, EOFError, zlib.error) as exc:
         raise UserError(f'{path} is not a readable CIFAR-10 binary tarball ({first_line(exc)}); '
                         f'delete it and run again') from None
 
 
+def read_member(tar, name):
+    member = tar.extractfile(name)  # KeyError when absent, None when not a regular file
+    if member is None:
+        raise tarfile.TarError(f'{name} is not a regular file')
+    return member.read()
+
+
 def parse_records(raw):
     if not raw or len(raw) % RECORD_BYTES:
-        raise tarfile.TarError(f'{len(raw)} bytes is not a whole number of {RECORD_BYTES}-byte records')
+        raise tarfile.TarError(f'{len(raw)} bytes are not whole {RECORD_BYTES}-byte records')
     records = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(-1, RECORD_BYTES)
     labels = records[:, 0].long()
     if labels.max() >= len(CIFAR10_CLASSES):
@@ -222,9 +229,12 @@ def atomic_write(path, write):
     readers (and interrupted runs) never leave a half-written file behind."""
     directory = os.path.dirname(path) or '.'
     fd, temporary = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + '.', suffix='.tmp')
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         with os.fdopen(fd, 'wb') as file:
             write(file)
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp's 0600 would hide a shared cache from others
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
@@ -270,7 +280,8 @@ class CifarLoader:
         if unknown:
             raise UserError(f'unknown augmentation {", ".join(unknown)}; '
                             f'known: {", ".join(self.AUGMENTATIONS)}')
-        data = load_cifar10(data_dir, train)
+        self.data_dir = data_dir or default_data_dir()
+        data = load_cifar10(self.data_dir, train)
         self.device = torch.device(device) if device is not None else default_device()
         self.images = data['images'].to(self.device)
         self.labels = data['labels'].to(self.device)
@@ -280,7 +291,7 @@ class CifarLoader:
         self.drop_last = train if drop_last is None else drop_last
         self.shuffle = train if shuffle is None else shuffle
         self.epoch = 0
-        self._prepared_for = None  # the `images` tensor that the cached tensors below belong to
+        self._prepared_for = None  # the (images, translate) that the cached tensors belong to
 
     def __len__(self):
         if self.drop_last:
@@ -302,13 +313,14 @@ class CifarLoader:
         normalized = self.normalize(self.images)
         self._source = F.pad(normalized, (pad,) * 4, mode='reflect') if pad > 0 else normalized
         self._flip_parity = torch.rand(len(self.images), device=self.device) < 0.5
-        self._prepared_for = self.images
+        self._prepared_for = (self.images, pad)
 
     def __iter__(self):
         if len(self.images) != len(self.labels):
             raise UserError(f'the loader holds {len(self.images)} images but {len(self.labels)} labels; '
                             f'mask both with the same mask')
-        if self._prepared_for is not self.images:
+        prepared_images, prepared_pad = self._prepared_for or (None, None)
+        if prepared_images is not self.images or prepared_pad != self.aug.get('translate', 0):
             self._prepare()
         images = self._source
         if self.aug.get('translate', 0) > 0:
@@ -546,9 +558,10 @@ class Clock:
 
 def train(hyp=hyp, train_loader=None, test_loader=None, device=None, run=None):
     """Trains one network with the recipe in `hyp` and returns (model, result); result holds
-    tta_val_acc, val_acc, time_seconds, train_loss, train_acc and steps. Loaders default to
-    CIFAR-10 in default_data_dir() on `device` (default: the train loader's, else CUDA if present).
-    `run` labels the rows this prints."""
+    tta_val_acc, val_acc, time_seconds, train_loss, train_acc and steps. The train loader defaults
+    to CIFAR-10 in default_data_dir(), the test loader to the train loader's folder; `device` to
+    the train loader's, else CUDA when present. `run` labels the rows this prints. On CUDA this
+    turns on cudnn.benchmark for the process: every step has the same shapes, so autotuning pays."""
     check_hyp(hyp)
     opt = hyp['opt']
     if device is None:
@@ -557,13 +570,13 @@ def train(hyp=hyp, train_loader=None, test_loader=None, device=None, run=None):
     if train_loader is None:
         train_loader = CifarLoader(None, True, opt['batch_size'], hyp['aug'], device=device)
     if test_loader is None:
-        test_loader = CifarLoader(None, False, TEST_BATCH_SIZE, device=device)
+        test_loader = CifarLoader(train_loader.data_dir, False, TEST_BATCH_SIZE, device=device)
     total_steps = math.ceil(len(train_loader) * opt['train_epochs'])
     if total_steps == 0:
         raise UserError(f'{len(train_loader.images)} training images make no full batch of '
                         f'{train_loader.batch_size}; lower opt.batch_size or add images')
     if device.type == 'cuda':
-        torch.backends.cudnn.benchmark = True  # every step has the same shapes: autotuning pays
+        torch.backends.cudnn.benchmark = True
 
     model = place_on(make_net(hyp['net']), device)
     optimizer = make_optimizer(model, opt)
@@ -687,12 +700,16 @@ def check_hyp(hyp):
         (opt['lr'] > 0 and opt['bias_scaler'] > 0, 'opt.lr and opt.bias_scaler must be positive'),
         (0 <= opt['label_smoothing'] <= 1, 'opt.label_smoothing must be in [0, 1]'),
         (opt['lookahead_every'] >= 1, 'opt.lookahead_every must be at least 1'),
-        (len(knots) >= 2 and all(len(k) == 2 for k in knots) and knots[0][0] == 0 and knots[-1][0] == 1
-         and all(a[0] < b[0] for a, b in zip(knots, knots[1:])),
+        (len(knots) >= 2 and all(isinstance(k, (list, tuple)) and len(k) == 2
+                                 and all(isinstance(v, (int, float)) for v in k) for k in knots)
+         and knots[0][0] == 0 and knots[-1][0] == 1 and all(a[0] < b[0] for a, b in zip(knots, knots[1:])),
          'opt.lr_knots must be (fraction, multiplier) pairs with fractions rising from 0 to 1'),
+        (0 <= opt['lookahead_decay'] <= 1, 'opt.lookahead_decay must be in [0, 1]'),
         (hyp['aug']['translate'] >= 0, 'aug.translate must be at least 0'),
         (all(w >= 1 for w in net['widths'].values()), 'net.widths must be at least 1'),
-        (net['whiten_images'] >= 1, 'net.whiten_images must be at least 1'),
+        (net['whiten_images'] >= 1 and net['whiten_eps'] > 0,
+         'net.whiten_images must be at least 1 and net.whiten_eps positive'),
+        (0 <= net['batchnorm_momentum'] < 1, 'net.batchnorm_momentum must be in [0, 1)'),
         (net['tta_level'] in (0, 1, 2), 'net.tta_level must be 0, 1 or 2'),
     ]
     for ok, message in problems:

@@ -120,6 +120,7 @@ def test_unknown_key_lists_valid_ones(recipe):
     (['--set', 'opt.momentum=1.5'], 'opt.momentum must be in [0, 1)'),
     (['--set', 'net.tta_level=3'], 'net.tta_level must be 0, 1 or 2'),
     (['--set', 'opt.lrr=1'], 'unknown hyp key'),
+    (['--set', 'opt.lr_knots=[1, 2]'], 'opt.lr_knots must be (fraction, multiplier) pairs'),
     (['--set', 'opt.lr=fast'], "opt.lr must be of type float (like 11.5), not 'fast'"),
     (['--runs', '0'], '--runs must be at least 1'),
     (['--runs', 'many'], "invalid int value: 'many'"),

@@ -56,6 +56,9 @@ def test_download_parse_and_cache(recipe, crafted_tarball, tmp_path):
     assert sorted(os.listdir(data_dir)) == ['cifar-10-binary.tar.gz', 'test.pt', 'train.pt']
     cached = torch.load(data_dir / 'train.pt', weights_only=True)  # the airbench cache layout
     assert set(cached) == {'images', 'labels', 'classes'}
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert os.stat(data_dir / 'train.pt').st_mode & 0o777 == 0o666 & ~umask  # shareable, as open() makes
 
 
 def test_tarball_by_hand_is_used_without_download(recipe, crafted_tarball, tmp_path, monkeypatch):
@@ -193,6 +196,14 @@ def test_loader_serves_a_masked_subset(recipe, tiny_data):
     loader.images, loader.labels = loader.images[mask], loader.labels[mask]
     labels = torch.cat([labels for _, labels in loader])
     assert len(loader) == int(mask.sum()) // 16 and (labels < 6).all()
+
+
+def test_changing_translation_takes_effect(recipe, tmp_path):
+    loader = recipe.CifarLoader(asymmetric_cache(str(tmp_path)), True, 64, aug={'translate': 2},
+                                shuffle=False, device='cpu')
+    assert not torch.equal(one_epoch(loader), loader.normalize(loader.images))
+    loader.aug['translate'] = 0
+    assert torch.equal(one_epoch(loader), loader.normalize(loader.images))
 
 
 def test_loader_rejects_mismatched_mask_and_unknown_aug(recipe, tiny_data):
