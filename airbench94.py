@@ -912,8 +912,9 @@ def main(argv=None):
         if device.type == 'cpu':
             print(f'{SCRIPT}: training on the CPU in fp32; expect about an hour per run on two cores')
         if device.type == 'cuda' and not args.no_warmup:
+            print(f'{SCRIPT}: warm-up run on random labels, not part of the study')
             train_loader.labels = torch.randint_like(train_loader.labels, len(CIFAR10_CLASSES))
-            train(run_hyp, train_loader, test_loader, device, run='warmup')
+            train(run_hyp, train_loader, test_loader, device)
         for run in range(args.runs):
             if run > 0 or train_loader.epoch > 0:
                 train_loader, test_loader = loaders()

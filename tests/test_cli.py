@@ -1,9 +1,12 @@
 """The command line: --set, the study and its log, statistics, and every failure's one-line message."""
+import glob
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -71,20 +74,35 @@ def test_same_seed_same_study(recipe, study, tiny_data, tmp_path, capsys):
     assert first['seed'] == repeat['seed'] and first['tta_val_acc'] == repeat['tta_val_acc']
 
 
-def test_interrupt_keeps_finished_runs(recipe, tiny_data, tmp_path, capsys, monkeypatch):
-    real_train, calls = recipe.train, []
-
-    def train_then_interrupt(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_train(*args, **kwargs)
-    monkeypatch.setattr(recipe, 'train', train_then_interrupt)
-    status, _, err = run_main(recipe, capsys, *study_args(tiny_data, tmp_path, '--runs', '3'))
+def test_ctrl_c_keeps_finished_runs(recipe, tiny_data, tmp_path):
+    """A real SIGINT to the script mid-study: status 130, one line naming the log, runs kept."""
+    script = os.path.join(ROOT, f'{recipe.__name__}.py')
+    process = subprocess.Popen([sys.executable, script, *study_args(tiny_data, tmp_path, '--runs', '500')],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        summaries = glob.glob(os.path.join(tmp_path, recipe.__name__, '*', 'summary.json'))
+        if summaries and read_summary(os.path.dirname(summaries[0]))['n'] >= 1:
+            break
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
     folder = only_log(recipe, tmp_path)
-    assert status == 130 and err.count('\n') == 1 and folder in err and '1 finished run' in err
     summary = read_summary(folder)
-    assert summary['status'] == 'interrupted' and summary['n'] == 1 and len(summary['runs']) == 1
+    assert process.returncode == 130 and err.count('\n') == 1 and 'Traceback' not in err
+    assert folder in err and f'{summary["n"]} finished run(s)' in err
+    assert summary['status'] == 'interrupted' and 1 <= summary['n'] == len(summary['runs']) < 500
+
+
+@pytest.mark.gpu
+def test_cuda_study_warms_up_first(recipe, tiny_data, tmp_path, capsys):
+    status, out, _ = run_main(recipe, capsys, '--data-dir', tiny_data, '--log-dir', str(tmp_path),
+                              '--device', 'cuda', '--runs', '1', *TINY_ARGS)
+    assert status == 0 and 'warm-up run on random labels' in out and out.count(' eval |') == 2
+    assert read_summary(only_log(recipe, tmp_path))['n'] == 1
+    status, out, _ = run_main(recipe, capsys, '--data-dir', tiny_data, '--log-dir', str(tmp_path / 'no'),
+                              '--device', 'cuda', '--runs', '1', '--no-warmup', *TINY_ARGS)
+    assert status == 0 and 'warm-up' not in out and out.count(' eval |') == 1
 
 
 def test_set_overrides(recipe):
