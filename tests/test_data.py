@@ -7,12 +7,13 @@ import tarfile
 import pytest
 import torch
 
-from conftest import write_cache
+from conftest import assert_one_line, subset, write_cache
 
 
-def make_tarball(path, records_per_batch=3, seed=0):
+def make_tarball(path, records_per_batch=3, seed=0, damage=lambda raw: raw):
     """A tarball in the layout of cifar-10-binary.tar.gz with a few random records per batch file;
-    returns the expected {'train': (images, labels), 'test': ...} decoded independently of the code."""
+    returns the expected {'train': (images, labels), 'test': ...} decoded independently of the code.
+    `damage` may alter the bytes of the last member, test_batch.bin."""
     generator = torch.Generator().manual_seed(seed)
     names = {'train': [f'data_batch_{i}.bin' for i in range(1, 6)], 'test': ['test_batch.bin']}
     expected = {}
@@ -24,6 +25,7 @@ def make_tarball(path, records_per_batch=3, seed=0):
                 planes = torch.randint(0, 256, (records_per_batch, 3, 32, 32), generator=generator)
                 raw = b''.join(bytes([int(label[i])]) + bytes(planes[i].flatten().tolist())
                                for i in range(records_per_batch))
+                raw = damage(raw) if name == 'test_batch.bin' else raw
                 info = tarfile.TarInfo(f'cifar-10-batches-bin/{name}')
                 info.size = len(raw)
                 tar.addfile(info, io.BytesIO(raw))
@@ -33,14 +35,18 @@ def make_tarball(path, records_per_batch=3, seed=0):
     return expected
 
 
+def serve(recipe, monkeypatch, path):
+    """The recipe downloads `path` through a file:// URL, and its md5 is the expected one."""
+    monkeypatch.setattr(recipe, 'CIFAR10_URL', path.as_uri())
+    monkeypatch.setattr(recipe, 'CIFAR10_MD5', hashlib.md5(path.read_bytes()).hexdigest())
+
+
 @pytest.fixture
 def crafted_tarball(tmp_path, recipe, monkeypatch):
-    """A crafted tarball served from a file:// URL, with the recipe's md5 patched to match it."""
     path = tmp_path / 'served' / 'cifar-10-binary.tar.gz'
     path.parent.mkdir()
     expected = make_tarball(str(path))
-    monkeypatch.setattr(recipe, 'CIFAR10_URL', path.as_uri())
-    monkeypatch.setattr(recipe, 'CIFAR10_MD5', hashlib.md5(path.read_bytes()).hexdigest())
+    serve(recipe, monkeypatch, path)
     return path, expected
 
 
@@ -61,24 +67,22 @@ def test_download_parse_and_cache(recipe, crafted_tarball, tmp_path):
     assert os.stat(data_dir / 'train.pt').st_mode & 0o777 == 0o666 & ~umask  # shareable, as open() makes
 
 
-def test_tarball_by_hand_is_used_without_download(recipe, crafted_tarball, tmp_path, monkeypatch):
+def test_tarball_by_hand_is_used_without_download(recipe, crafted_tarball, tmp_path, offline):
     data_dir = tmp_path / 'cifar10'
     data_dir.mkdir()
     served, expected = crafted_tarball
     os.replace(served, data_dir / 'cifar-10-binary.tar.gz')
-    monkeypatch.setattr(recipe, 'CIFAR10_URL', 'http://127.0.0.1:9/unreachable.tar.gz')
     data = recipe.load_cifar10(str(data_dir), train=False)
     assert torch.equal(data['labels'], expected['test'][1])
 
 
-def test_offline_names_url_file_and_folder(recipe, tmp_path, monkeypatch):
-    url = 'http://127.0.0.1:9/cifar-10-binary.tar.gz'  # port 9 (discard) refuses at once
-    monkeypatch.setattr(recipe, 'CIFAR10_URL', url)
+def test_offline_names_url_file_and_folder(recipe, tmp_path, offline):
     with pytest.raises(recipe.UserError) as error:
         recipe.load_cifar10(str(tmp_path / 'cifar10'))
     message = str(error.value)
-    assert url in message and 'cifar-10-binary.tar.gz' in message
-    assert str(tmp_path / 'cifar10') in message and '\n' not in message
+    assert offline in message and 'cifar-10-binary.tar.gz' in message
+    assert str(tmp_path / 'cifar10') in message
+    assert_one_line(message)
     assert os.listdir(tmp_path / 'cifar10') == []  # no partial download left behind
 
 
@@ -91,15 +95,17 @@ def test_md5_mismatch_removes_the_file(recipe, tmp_path):
     assert not (data_dir / 'cifar-10-binary.tar.gz').exists()
 
 
-def test_tarball_with_bad_records(recipe, tmp_path, monkeypatch):
+@pytest.mark.parametrize('damage, problem', [
+    (lambda raw: raw[:-1], 'are not whole 3073-byte records'),
+    (lambda raw: bytes([10]) + raw[1:], 'label 10 is not a CIFAR-10 class'),
+])
+def test_tarball_with_bad_records(recipe, tmp_path, monkeypatch, damage, problem):
     path = tmp_path / 'cifar-10-binary.tar.gz'
-    with tarfile.open(path, 'w:gz') as tar:
-        info = tarfile.TarInfo('cifar-10-batches-bin/data_batch_1.bin')
-        info.size = 100
-        tar.addfile(info, io.BytesIO(b'x' * 100))
-    monkeypatch.setattr(recipe, 'CIFAR10_MD5', hashlib.md5(path.read_bytes()).hexdigest())
-    with pytest.raises(recipe.UserError, match='not a readable CIFAR-10 binary tarball'):
+    make_tarball(str(path), damage=damage)
+    serve(recipe, monkeypatch, path)
+    with pytest.raises(recipe.UserError, match='not a readable CIFAR-10 binary tarball') as error:
         recipe.load_cifar10(str(tmp_path))
+    assert problem in str(error.value) and not (tmp_path / 'test.pt').exists()
 
 
 def damage_truncate(path):
@@ -122,7 +128,7 @@ def test_damaged_cache_is_named(recipe, tmp_path, damage):
     with pytest.raises(recipe.UserError) as error:
         recipe.load_cifar10(data_dir, train=True)
     assert str(path) in str(error.value) and 'delete' in str(error.value)
-    assert '\n' not in str(error.value)
+    assert_one_line(str(error.value))
 
 
 def test_default_data_dir_follows_environment(recipe, monkeypatch):
@@ -150,6 +156,7 @@ def one_epoch(loader):
 
 def test_alternating_flip_over_epochs(recipe, tmp_path):
     n = 64
+    torch.manual_seed(0)
     loader = recipe.CifarLoader(asymmetric_cache(str(tmp_path)), True, n, aug={'flip': True},
                                 shuffle=False, device='cpu')
     plain = loader.normalize(loader.images)
@@ -166,6 +173,7 @@ def test_alternating_flip_over_epochs(recipe, tmp_path):
 
 def test_translation_range(recipe, tmp_path):
     n, r = 64, 2
+    torch.manual_seed(0)
     loader = recipe.CifarLoader(asymmetric_cache(str(tmp_path)), True, n, aug={'translate': r},
                                 shuffle=False, device='cpu')
     padded = torch.nn.functional.pad(loader.normalize(loader.images), (r,) * 4, mode='reflect')
@@ -179,21 +187,33 @@ def test_translation_range(recipe, tmp_path):
     assert len(shifts_seen) == (2 * r + 1) ** 2  # and every shift occurs
 
 
+def positions_in(loader, batches):
+    """The dataset index of every image in the batches (the loader must not augment)."""
+    plain = loader.normalize(loader.images).flatten(1)
+    index_of = {tuple(row[:32].tolist()): i for i, row in enumerate(plain)}
+    return torch.tensor([index_of[tuple(image.flatten()[:32].tolist())]
+                         for inputs, _ in batches for image in inputs])
+
+
 def test_batches_cover_each_image_once(recipe, tiny_data):
+    torch.manual_seed(0)
     loader = recipe.CifarLoader(tiny_data, True, 50, device='cpu')
     batches = list(loader)
     assert len(batches) == len(loader) == 256 // 50  # the partial last batch is dropped
-    labels = torch.cat([labels for _, labels in batches])
-    assert len(labels) == 250 and not torch.equal(labels, loader.labels[:250])  # reshuffled
+    positions = positions_in(loader, batches)
+    assert len(set(positions.tolist())) == 250 and not torch.equal(positions, torch.arange(250))
+    assert torch.equal(torch.cat([labels for _, labels in batches]), loader.labels[positions])
+    assert not torch.equal(positions_in(loader, list(loader)), positions)  # reshuffled each epoch
     test_loader = recipe.CifarLoader(tiny_data, False, 50, device='cpu')
-    assert len(test_loader) == 3 and torch.equal(torch.cat([l for _, l in test_loader]), test_loader.labels)
+    test_batches = list(test_loader)
+    assert len(test_batches) == 3 and torch.equal(positions_in(test_loader, test_batches), torch.arange(128))
 
 
 def test_loader_serves_a_masked_subset(recipe, tiny_data):
     loader = recipe.CifarLoader(tiny_data, True, 16, aug={'flip': True, 'translate': 2}, device='cpu')
     list(loader)  # an epoch on the full set first
     mask = loader.labels < 6
-    loader.images, loader.labels = loader.images[mask], loader.labels[mask]
+    subset(loader, mask)
     labels = torch.cat([labels for _, labels in loader])
     assert len(loader) == int(mask.sum()) // 16 and (labels < 6).all()
 
@@ -207,8 +227,8 @@ def test_changing_translation_takes_effect(recipe, tmp_path):
 
 
 def test_loader_rejects_mismatched_mask_and_unknown_aug(recipe, tiny_data):
-    with pytest.raises(recipe.UserError, match='unknown augmentation cutout'):
-        recipe.CifarLoader(tiny_data, True, 16, aug={'cutout': 12}, device='cpu')
+    with pytest.raises(recipe.UserError, match='unknown augmentation no_such_thing'):
+        recipe.CifarLoader(tiny_data, True, 16, aug={'no_such_thing': 12}, device='cpu')
     loader = recipe.CifarLoader(tiny_data, True, 16, device='cpu')
     loader.images = loader.images[:10]
     with pytest.raises(recipe.UserError, match='same mask'):
