@@ -31,13 +31,13 @@ RECIPES = {
             'net.tta_level': 2,
         },
         # The slow test (test_slow.py): the recipe made small enough for a few CPU minutes, and
-        # the TTA accuracy it must beat on the first 10,000 / 2,000 images of CIFAR10_DIR.
+        # the TTA accuracy it must beat (measured: 0.7768 and 0.7822, see test_slow.py).
         'slow_overrides': {
-            'opt.batch_size': 256,  # lr and weight decay are per example: their meaning holds
-            'opt.train_epochs': 5,
+            'opt.batch_size': 512,  # lr and weight decay are per example: their meaning holds
+            'opt.train_epochs': 4,
             'net.widths': {'block1': 32, 'block2': 128, 'block3': 128},
         },
-        'slow_tta_acc_above': 0.69,
+        'slow_tta_acc_above': 0.76,
     },
 }
 
