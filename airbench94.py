@@ -3,7 +3,8 @@
 Evidence
     Published: 94.01% mean accuracy with TTA, n=1000 runs, 3.83 s per run on an NVIDIA
     A100-SXM4-80GB with torch 2.1.2 (Jordan 2024, "94% on CIFAR-10 in 3.29 Seconds on a Single GPU").
-    This file: see README.md and logs/records/ for what has been measured and on which device.
+    This file: not yet measured on a GPU. One CPU run (fp32, torch 2.13.0) on the CIFAR-10-JPEG
+    stand-in reached 90.35% with TTA (logs/records/airbench94/); see README.md.
 
 What is timed (paper, section 2)
     From the first touch of training data (the whitening initialization included) until test-set
