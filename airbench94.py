@@ -884,7 +884,7 @@ def parse_args(argv):
                              'on CUDA (it never runs on the CPU)')
     parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
                         help='override a hyp entry, e.g. --set opt.lr=10.0 --set net.widths.block1=96; '
-                             'the value is a Python literal; repeatable')
+                             f'the value is a Python literal; repeatable. Keys: {", ".join(hyp_keys(hyp))}')
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error(f'--runs must be at least 1, not {args.runs}')
