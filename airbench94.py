@@ -1,10 +1,11 @@
 """airbench94.py: train a CIFAR-10 network to 94% mean test accuracy in seconds on one GPU.
 
-Evidence
-    Published: 94.01% mean accuracy with TTA, n=1000 runs, 3.83 s per run on an NVIDIA
-    A100-SXM4-80GB with torch 2.1.2 (Jordan 2024, "94% on CIFAR-10 in 3.29 Seconds on a Single GPU").
-    This file: not yet measured on a GPU. One CPU run (fp32, torch 2.13.0) on the CIFAR-10-JPEG
-    stand-in reached 90.35% with TTA (logs/records/airbench94/); see README.md.
+Published
+    94.01% mean accuracy with TTA, n=1000, 3.83 s per run on an NVIDIA A100 (paper, section 3).
+    Measured here: README.md's records table, each figure from a log in logs/records/.
+
+Changes relative to airbench94
+    None: this is the collection's base recipe; each sibling script lists its changes here.
 
 What is timed (paper, section 2)
     From the first touch of training data (the whitening initialization included) until test-set
@@ -14,20 +15,16 @@ What is timed (paper, section 2)
 Lineage
     Page (2019), "How to train your ResNet" -> tysam-code, hlb-CIFAR10 (2023) -> airbench (2024).
 
-Method (paper, sections 3.1-3.6)
-    - VGG-like network, 1.97M parameters: a frozen 2x2 patch-whitening convolution, then three
-      blocks of two 3x3 convolutions; BatchNorm scales frozen at 1; every later conv starts as an
-      identity (dirac) transform.
-    - Nesterov SGD at batch 1024 for 9.9 epochs, label smoothing 0.2, BatchNorm biases at 64x the
-      learning rate, Lookahead towards a moving average every 5 steps.
-    - Alternating flip and 2-pixel reflect-padded translation; 6-view test-time augmentation.
+Method (paper, sections 3.1-3.6; the numbers are in `hyp`)
+    - VGG-like network: a frozen 2x2 patch-whitening convolution, then three blocks of 3x3
+      convolutions; BatchNorm scales frozen at 1; every later conv starts as an identity (dirac)
+      transform.
+    - Nesterov SGD on a summed loss with label smoothing, BatchNorm biases at a higher learning
+      rate, a piecewise-linear schedule, Lookahead towards a moving average every few steps.
+    - Alternating flip and reflect-padded translation, on the GPU; 6-view test-time augmentation.
 
 Usage
-    python airbench94.py                        # warm-up, then 25 timed runs on CUDA
-    python airbench94.py --runs 5 --set opt.lr=10.0 --set net.widths.block1=96
-    python airbench94.py --device cpu --runs 1  # fp32 on the CPU: about an hour on two cores
-    python airbench94.py --help
-As a library: `from airbench94 import train, hyp, override_hyp, CifarLoader` (README.md shows how).
+    Run with --help for the options; README.md shows studies, library use and measured results.
 """
 
 import argparse
@@ -77,6 +74,7 @@ hyp = {
     'aug': {
         'flip': True,               # alternating horizontal flip (paper, section 3.6)
         'translate': 2,             # pixels of random translation, reflect-padded
+        'cutout': 0,                # side of a square zeroed at random in each image; 0: none
     },
     'net': {
         'widths': {'block1': 64, 'block2': 256, 'block3': 256},  # output channels of each block
@@ -252,12 +250,20 @@ def batch_flip_lr(images, flip_mask):
     return torch.where(flip_mask.view(-1, 1, 1, 1), images.flip(-1), images)
 
 
+def random_corners(images, size):
+    """Top and left corners (each N x 1 x 1), uniform over the positions where a size x size
+    square lies wholly inside the images (N x C x H x W)."""
+    n, _, height, width = images.shape
+    top = torch.randint(height - size + 1, (n, 1, 1), device=images.device)
+    left = torch.randint(width - size + 1, (n, 1, 1), device=images.device)
+    return top, left
+
+
 def batch_crop(padded, size):
     """A random size x size window of each image. Of images padded by r pixels on every side, this
     is a random translation by up to r pixels in each direction."""
-    n, _, height, width = padded.shape
-    top = torch.randint(height - size + 1, (n, 1, 1), device=padded.device)
-    left = torch.randint(width - size + 1, (n, 1, 1), device=padded.device)
+    n = len(padded)
+    top, left = random_corners(padded, size)
     offsets = torch.arange(size, device=padded.device)
     rows, cols = top + offsets.view(1, size, 1), left + offsets.view(1, 1, size)
     index = torch.arange(n, device=padded.device).view(n, 1, 1)
@@ -265,15 +271,26 @@ def batch_crop(padded, size):
     return padded.permute(0, 2, 3, 1)[index, rows, cols].permute(0, 3, 1, 2)
 
 
+def batch_cutout(images, size):
+    """Cutout (DeVries and Taylor, 2017): each image with a random size x size square, wholly
+    inside it, set to zero, which after normalization is the mean color."""
+    top, left = random_corners(images, size)
+    rows = torch.arange(images.shape[-2], device=images.device).view(1, -1, 1)
+    cols = torch.arange(images.shape[-1], device=images.device).view(1, 1, -1)
+    inside = (rows >= top) & (rows < top + size) & (cols >= left) & (cols < left + size)
+    return images.clone().masked_fill_(inside.unsqueeze(1), 0)  # clone keeps the memory layout
+
+
 class CifarLoader:
     """CIFAR-10 batches on one device, augmented a whole epoch at a time on that device.
 
     `images` (uint8, N x 32 x 32 x 3) and `labels` are plain attributes: replace them, e.g. with a
     masked subset, before iterating, and the loader serves that data instead.
-    aug: {'flip': alternating flip on/off, 'translate': pixels of random reflect-padded translation}.
+    aug: {'flip': alternating flip on/off, 'translate': pixels of random reflect-padded translation,
+    'cutout': side of the square zeroed at a random place in each image, after translation and flip}.
     """
 
-    AUGMENTATIONS = ('flip', 'translate')
+    AUGMENTATIONS = ('flip', 'translate', 'cutout')
 
     def __init__(self, data_dir=None, train=True, batch_size=500, aug=None, drop_last=None,
                  shuffle=None, device=None):
@@ -330,6 +347,8 @@ class CifarLoader:
             # Alternating flip: random in the first epoch, then each image the other way than in
             # the epoch before, so every two consecutive epochs hold both mirror images of each.
             images = batch_flip_lr(images, self._flip_parity ^ bool(self.epoch % 2))
+        if self.aug.get('cutout', 0) > 0:
+            images = batch_cutout(images, self.aug['cutout'])
         self.epoch += 1
         order = (torch.randperm if self.shuffle else torch.arange)(len(images), device=self.device)
         for i in range(len(self)):
@@ -707,6 +726,7 @@ def check_hyp(hyp):
          'opt.lr_knots must be (fraction, multiplier) pairs with fractions rising from 0 to 1'),
         (0 <= opt['lookahead_decay'] <= 1, 'opt.lookahead_decay must be in [0, 1]'),
         (hyp['aug']['translate'] >= 0, 'aug.translate must be at least 0'),
+        (0 <= hyp['aug']['cutout'] <= 32, 'aug.cutout must be between 0 and 32 pixels'),
         (all(w >= 1 for w in net['widths'].values()), 'net.widths must be at least 1'),
         (net['whiten_images'] >= 1 and net['whiten_eps'] > 0,
          'net.whiten_images must be at least 1 and net.whiten_eps positive'),
@@ -873,7 +893,7 @@ def parse_args(argv):
                         help='folder of the CIFAR-10 cache (default: $CIFAR10_DIR, else ./cifar10)')
     parser.add_argument('--device', default=None,
                         help='cpu, cuda or cuda:N (default: cuda when available). The CPU trains in '
-                             'fp32, about an hour per run on two cores')
+                             'fp32, hundreds of times slower (README.md has CPU timings)')
     parser.add_argument('--log-dir', default='logs',
                         help='where the study log folder is created (default: %(default)s)')
     parser.add_argument('--seed', type=int, default=None,
@@ -911,7 +931,7 @@ def main(argv=None):
         print(f'{SCRIPT}: study of {args.runs} run(s) on {device_name(device)}, torch {torch.__version__}, '
               f'seed {base_seed}, log {log.dir}')
         if device.type == 'cpu':
-            print(f'{SCRIPT}: training on the CPU in fp32; expect about an hour per run on two cores')
+            print(f'{SCRIPT}: training on the CPU in fp32, hundreds of times slower than a GPU')
         if device.type == 'cuda' and not args.no_warmup:
             print(f'{SCRIPT}: warm-up run on random labels, not part of the study')
             train_loader.labels = torch.randint_like(train_loader.labels, len(CIFAR10_CLASSES))

@@ -24,7 +24,7 @@ RECIPES = {
             'opt.weight_decay': 0.0153, 'opt.bias_scaler': 64.0, 'opt.label_smoothing': 0.2,
             'opt.lr_knots': ((0.0, 0.2), (0.23, 1.0), (1.0, 0.07)), 'opt.whiten_bias_epochs': 3,
             'opt.lookahead_every': 5, 'opt.lookahead_decay': 0.95,
-            'aug.flip': True, 'aug.translate': 2,
+            'aug.flip': True, 'aug.translate': 2, 'aug.cutout': 0,
             'net.widths.block1': 64, 'net.widths.block2': 256, 'net.widths.block3': 256,
             'net.batchnorm_momentum': 0.6,
             'net.scaling_factor': 1 / 9, 'net.whiten_images': 5000, 'net.whiten_eps': 5e-4,
@@ -40,6 +40,34 @@ RECIPES = {
         'slow_tta_acc_above': 0.76,
     },
 }
+
+
+def sibling(base, changes, **facts):
+    """A recipe entry: `base`'s with its hyp facts changed by `changes` and its other facts replaced."""
+    return {**base, **facts, 'hyp': {**base['hyp'], **changes}}
+
+
+AIRBENCH94 = RECIPES['airbench94']
+# A block of n 3x3 convs from c_in to c_out channels has 9 * c_in * c_out + (n - 1) * 9 * c_out**2
+# weights and 2 * n * c_out BatchNorm parameters; the whitening conv 24 * 12 + 24; the head 10 * width.
+RECIPES['airbench94_compiled'] = sibling(
+    AIRBENCH94, {'net.compile_backend': 'inductor', 'net.compile_mode': 'max-autotune'},
+    diff_bound=60,
+    # The tests compile with AOTAutograd but generate no code: seconds, not minutes, per graph.
+    # The slow test keeps the default, inductor, which generates C++ on the CPU.
+    tiny={'net.compile_backend': 'aot_eager'},
+)
+RECIPES['airbench95'] = sibling(
+    AIRBENCH94, {'opt.train_epochs': 15.0, 'opt.lr': 10.0,
+                 'net.widths.block1': 128, 'net.widths.block2': 384, 'net.widths.block3': 384},
+    params=4_606_520, diff_bound=13,
+)
+RECIPES['airbench96'] = sibling(
+    AIRBENCH94, {'opt.train_epochs': 37.0, 'opt.lr': 9.0, 'opt.weight_decay': 0.012,
+                 'opt.lr_knots': ((0.0, 0.2), (0.1, 1.0), (1.0, 0.0)), 'aug.translate': 4, 'aug.cutout': 12,
+                 'net.widths.block1': 128, 'net.widths.block2': 384, 'net.widths.block3': 512},
+    params=9_918_776, trained_tensors=11, diff_bound=46,
+)
 
 # Small enough that a CPU step takes milliseconds; the recipe is otherwise unchanged.
 TINY = {
@@ -87,10 +115,15 @@ def offline(recipe, monkeypatch):
     return UNREACHABLE_URL
 
 
+def tiny_overrides(recipe):
+    """TINY, plus what the recipe's entry in RECIPES adds for tests on tiny data."""
+    return {**TINY, **RECIPES[recipe.__name__].get('tiny', {})}
+
+
 def tiny_hyp(recipe, **overrides):
     """The recipe's hyp at test size; keyword overrides use '__' for '.' (opt__lr=1.0)."""
     extra = {key.replace('__', '.'): value for key, value in overrides.items()}
-    return recipe.override_hyp(recipe.hyp, {**TINY, **extra})
+    return recipe.override_hyp(recipe.hyp, {**tiny_overrides(recipe), **extra})
 
 
 def write_cache(folder, n_train=TINY_TRAIN_IMAGES, n_test=TINY_TEST_IMAGES, seed=0):
