@@ -455,6 +455,7 @@ def compiled_net(hyp_net, device):
     if key not in COMPILED:
         backend, mode = hyp_net['compile_backend'], hyp_net['compile_mode']
         options = dict(backend=backend, mode=mode if backend == 'inductor' else None)  # others have none
+        torch._dynamo.config.recompile_limit += 8  # all networks' graphs share nn.Sequential's code
         COMPILED[key] = (fresh, torch.compile(fresh, **options), torch.compile(fresh, **options))
     model, train_bias, freeze_bias = COMPILED[key]
     with torch.no_grad():

@@ -1,0 +1,171 @@
+"""What each sibling adds to airbench94: diff bounds, the residual block, compilation."""
+import difflib
+import importlib
+import os
+import re
+
+import pytest
+import torch
+
+from conftest import RECIPES, ROOT, run_main, tiny_hyp, tiny_loaders, tiny_overrides
+
+SIBLINGS = [name for name, facts in RECIPES.items() if 'diff_bound' in facts]
+
+
+def source_lines(name):
+    with open(os.path.join(ROOT, f'{name}.py'), encoding='utf-8') as file:
+        return file.read().splitlines()
+
+
+def changed_lines(old, new):
+    """What `diff old new | grep -c '^[<>]'` counts: lines removed plus lines added."""
+    matcher = difflib.SequenceMatcher(None, old, new, autojunk=False)
+    return sum(max(i2 - i1, 0) + max(j2 - j1, 0)
+               for tag, i1, i2, j1, j2 in matcher.get_opcodes() if tag != 'equal')
+
+
+def test_changed_lines_counts_like_diff():
+    assert changed_lines(['a', 'b', 'c'], ['a', 'x', 'c', 'd']) == 3  # b -> x (2), d added (1)
+    assert changed_lines(['a'], ['a']) == 0
+
+
+@pytest.mark.parametrize('name', SIBLINGS)
+def test_sibling_stays_within_its_diff_bound(name):
+    """`diff airbench94.py <sibling>.py` must read as the recipe change and nothing else."""
+    changed = changed_lines(source_lines('airbench94'), source_lines(name))
+    assert changed <= RECIPES[name]['diff_bound'], \
+        f'{name}.py differs from airbench94.py in {changed} lines; its bound is {RECIPES[name]["diff_bound"]}'
+
+
+@pytest.mark.parametrize('name', SIBLINGS)
+def test_sibling_keeps_the_anatomy(name):
+    """Same sections in the same order, and a docstring that lists the changes."""
+    def sections(lines):
+        return [line.strip('# ') for line in lines if re.fullmatch(r'#\s+[A-Z][\w ]+[a-z]\s+#', line)]
+    assert sections(source_lines(name)) == sections(source_lines('airbench94'))
+    assert len(sections(source_lines('airbench94'))) >= 8
+    docstring = importlib.import_module(name).__doc__
+    changes = docstring.split('Changes relative to airbench94\n')[1].split('\n\n')[0]
+    assert changes.strip() and 'None' not in changes
+
+
+#############################################
+#     airbench96: cutout and residuals      #
+#############################################
+
+def test_residual_block_adds_first_stage_to_third_norm():
+    airbench96 = importlib.import_module('airbench96')
+    torch.manual_seed(0)
+    block = airbench96.ConvBlock(8, 16, batchnorm_momentum=0.6)
+    with torch.no_grad():  # non-zero biases make every term visible
+        for norm in (block.norm1, block.norm2, block.norm3):
+            norm.bias.normal_()
+    x = torch.randn(4, 8, 12, 12)
+    first = block.activ(block.norm1(block.pool(block.conv1(x))))
+    second = block.activ(block.norm2(block.conv2(first)))
+    third = block.norm3(block.conv3(second))
+    output = block(x)
+    assert output.shape == (4, 16, 6, 6)
+    assert torch.allclose(output, block.activ(first + third), atol=1e-6)
+    assert not torch.allclose(output, block.activ(third), atol=1e-3)  # the residual matters
+    assert [type(m).__name__ for m in block.children()].count('Conv2d') == 3
+
+
+def test_cutout_squares_over_an_epoch(tiny_data):
+    """12 x 12 squares at every position that fits (0 to 20 for a corner), new ones each epoch."""
+    airbench96 = importlib.import_module('airbench96')
+    loader = airbench96.CifarLoader(tiny_data, True, 64, {'cutout': 12}, shuffle=False, device='cpu')
+    corners = []
+    for _ in range(2):
+        images = torch.cat([inputs for inputs, _ in loader])
+        zero = (images == 0).all(1)
+        rows, cols = zero.any(2), zero.any(1)
+        corners.append(torch.stack([rows.float().argmax(1), cols.float().argmax(1)], 1))
+    assert corners[0].min() == 0 and corners[0].max() == 20
+    assert not torch.equal(corners[0], corners[1])
+
+
+#############################################
+#       airbench94_compiled: compilation    #
+#############################################
+
+@pytest.fixture(scope='module')
+def compiled():
+    return importlib.import_module('airbench94_compiled')
+
+
+@pytest.fixture(scope='module')
+def graphs_compiled():
+    """A torch.compile backend that runs each captured graph as it is and records it: the list
+    grows by one for each compilation."""
+    graphs = []
+
+    def record_graph(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+    torch._dynamo.register_backend(record_graph, name='record_graph_for_tests')
+    return graphs
+
+
+def train_tiny_compiled(recipe, data_dir, seed, **overrides):
+    hyp = tiny_hyp(recipe, opt__train_epochs=4, opt__whiten_bias_epochs=2, **overrides)
+    torch.manual_seed(seed)
+    return recipe.train(hyp, *tiny_loaders(recipe, data_dir, hyp), device='cpu')
+
+
+def test_compiled_training_equals_plain_training(compiled, tiny_data):
+    """The same training, mathematically, through both variants (the swap included)."""
+    plain_model, plain = train_tiny_compiled(importlib.import_module('airbench94'), tiny_data, seed=3)
+    compiled_model, result = train_tiny_compiled(compiled, tiny_data, seed=3)
+    assert result['steps'] == plain['steps'] and result['tta_val_acc'] == pytest.approx(plain['tta_val_acc'], abs=0.01)
+    assert result['train_loss'] == pytest.approx(plain['train_loss'], rel=1e-4)
+    for (name, a), b in zip(plain_model.state_dict().items(), compiled_model.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-4), name
+
+
+def test_network_is_compiled_once_and_reused(compiled, tiny_data, graphs_compiled):
+    widths = {'block1': 12, 'block2': 16, 'block3': 16}  # an architecture no other test compiles
+    first_model, first = train_tiny_compiled(compiled, tiny_data, seed=0, net__widths=widths,
+                                             net__compile_backend='record_graph_for_tests')
+    compilations = len(graphs_compiled)
+    # Both variants in training, and evaluation: at least three graphs.
+    assert compilations >= 3
+    second_model, second = train_tiny_compiled(compiled, tiny_data, seed=1, net__widths=widths,
+                                               net__compile_backend='record_graph_for_tests')
+    assert len(graphs_compiled) == compilations  # the second run compiled nothing
+    assert first_model is not second_model and first['train_loss'] != second['train_loss']
+    assert not torch.equal(first_model.head.weight, second_model.head.weight)
+    assert second_model.whiten.bias.abs().sum() > 0  # reinitialized as trainable: it trained again
+
+
+@pytest.mark.parametrize('setting, message', [
+    ('net.compile_backend=nope', 'net.compile_backend must be one of'),
+    ('net.compile_mode=fast', 'net.compile_mode one of'),
+])
+def test_bad_compile_settings(compiled, tiny_data, tmp_path, capsys, setting, message):
+    status, _, err = run_main(compiled, capsys, '--data-dir', tiny_data, '--log-dir', str(tmp_path),
+                              '--set', setting)
+    assert status == 1 and message in err and 'Traceback' not in err
+
+
+def study_output(recipe, capsys, data_dir, log_dir, *extra):
+    args = [arg for key, value in tiny_overrides(recipe).items() for arg in ('--set', f'{key}={value!r}')]
+    status, out, _ = run_main(recipe, capsys, '--data-dir', data_dir, '--log-dir', str(log_dir),
+                              '--device', 'cpu', '--runs', '1', *args, *extra)
+    assert status == 0
+    return out
+
+
+def test_warmup_compiles_and_reports_its_time(compiled, tiny_data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(compiled.TABLE, 'header_printed', False)
+    out = study_output(compiled, capsys, tiny_data, tmp_path, '--set', 'opt.train_epochs=5',
+                       '--set', 'opt.whiten_bias_epochs=1')
+    warmup, study = out.split('compiled in ')
+    assert 'warm-up run on random labels' in warmup
+    assert re.match(r'\d+\.\d s', study)
+    # The warm-up trains just long enough to reach the frozen-bias variant: 2 epochs, not 5.
+    assert re.findall(r'\|\s+(\d+) \|', warmup) == ['1', '2']
+    assert study.count(' eval |') == 1
+    out = study_output(compiled, capsys, tiny_data, tmp_path / 'no', '--no-warmup')
+    assert 'compiled in' not in out and 'warm-up' not in out
+
