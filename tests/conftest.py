@@ -122,18 +122,27 @@ def real_data_dir():
     return REAL_DATA_DIR
 
 
-@pytest.fixture
-def offline(recipe, monkeypatch):
-    """The dataset URL points at a port that refuses, with no proxy to wait on."""
+def go_offline(monkeypatch, module, url_attribute):
+    """module.<url_attribute> points at a port that refuses, with no proxy to wait on."""
     for proxy in ('http_proxy', 'HTTP_PROXY', 'https_proxy', 'HTTPS_PROXY', 'all_proxy', 'ALL_PROXY'):
         monkeypatch.delenv(proxy, raising=False)
-    monkeypatch.setattr(recipe, 'CIFAR10_URL', UNREACHABLE_URL)
+    monkeypatch.setattr(module, url_attribute, UNREACHABLE_URL)
     return UNREACHABLE_URL
+
+
+@pytest.fixture
+def offline(recipe, monkeypatch):
+    return go_offline(monkeypatch, recipe, 'CIFAR10_URL')
 
 
 def tiny_overrides(recipe):
     """TINY, plus what the recipe's entry in RECIPES adds for tests on tiny data."""
     return {**TINY, **RECIPES[recipe.__name__].get('tiny', {})}
+
+
+def tiny_set_args(recipe):
+    """tiny_overrides(recipe) as command-line arguments: ['--set', 'opt.batch_size=32', ...]."""
+    return [arg for key, value in tiny_overrides(recipe).items() for arg in ('--set', f'{key}={value!r}')]
 
 
 def tiny_hyp(recipe, **overrides):

@@ -12,15 +12,15 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, assert_one_line, run_main, tiny_overrides
+from conftest import ROOT, assert_one_line, run_main, tiny_set_args
 
 SEEDED = ('--seed', '7', '--set', 'opt.lr=10')
 
 
 def study_args(recipe, data_dir, log_dir, *extra, device='cpu'):
     """Arguments of a study of the recipe at test size."""
-    tiny_args = [arg for key, value in tiny_overrides(recipe).items() for arg in ('--set', f'{key}={value!r}')]
-    return ['--data-dir', data_dir, '--log-dir', str(log_dir), '--device', device, *tiny_args, *extra]
+    return ['--data-dir', data_dir, '--log-dir', str(log_dir), '--device', device,
+            *tiny_set_args(recipe), *extra]
 
 
 def run_script(recipe, *args, stdout=subprocess.PIPE):
@@ -43,7 +43,8 @@ def read_summary(folder):
 def study(recipe, tiny_data, tmp_path, capsys, monkeypatch):
     """A complete two-run study through main(), on tiny data on the CPU."""
     monkeypatch.setattr(recipe.TABLE, 'header_printed', False)  # as in a fresh process
-    status, out, err = run_main(recipe, capsys, *study_args(recipe, tiny_data, tmp_path, '--runs', '2', *SEEDED))
+    args = study_args(recipe, tiny_data, tmp_path, '--runs', '2', *SEEDED)
+    status, out, err = run_main(recipe, capsys, *args)
     return status, out, err, only_log(recipe, tmp_path)
 
 

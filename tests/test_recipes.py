@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from conftest import RECIPES, ROOT, run_main, tiny_hyp, tiny_loaders, tiny_overrides
+from conftest import RECIPES, ROOT, run_main, tiny_hyp, tiny_loaders, tiny_set_args
 
 SIBLINGS = [name for name, facts in RECIPES.items() if 'diff_bound' in facts]
 
@@ -117,7 +117,8 @@ def test_compiled_training_equals_plain_training(compiled, tiny_data):
     """The same training, mathematically, through both variants (the swap included)."""
     plain_model, plain = train_tiny_compiled(importlib.import_module('airbench94'), tiny_data, seed=3)
     compiled_model, result = train_tiny_compiled(compiled, tiny_data, seed=3)
-    assert result['steps'] == plain['steps'] and result['tta_val_acc'] == pytest.approx(plain['tta_val_acc'], abs=0.01)
+    assert result['steps'] == plain['steps']
+    assert result['tta_val_acc'] == pytest.approx(plain['tta_val_acc'], abs=0.01)
     assert result['train_loss'] == pytest.approx(plain['train_loss'], rel=1e-4)
     for (name, a), b in zip(plain_model.state_dict().items(), compiled_model.state_dict().values()):
         assert torch.allclose(a.float(), b.float(), atol=1e-4), name
@@ -149,9 +150,8 @@ def test_bad_compile_settings(compiled, tiny_data, tmp_path, capsys, setting, me
 
 
 def study_output(recipe, capsys, data_dir, log_dir, *extra):
-    args = [arg for key, value in tiny_overrides(recipe).items() for arg in ('--set', f'{key}={value!r}')]
     status, out, _ = run_main(recipe, capsys, '--data-dir', data_dir, '--log-dir', str(log_dir),
-                              '--device', 'cpu', '--runs', '1', *args, *extra)
+                              '--device', 'cpu', '--runs', '1', *tiny_set_args(recipe), *extra)
     assert status == 0
     return out
 
