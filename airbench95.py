@@ -38,10 +38,12 @@ import math
 import os
 import secrets
 import shutil
+import signal
 import sys
 import tarfile
 import tempfile
 import time
+import traceback
 import urllib.request
 import zlib
 from collections import OrderedDict
@@ -632,6 +634,9 @@ def train(hyp=hyp, train_loader=None, test_loader=None, device=None, run=None):
                     break
         train_loss = loss.item() / len(labels)
         train_acc = (outputs.detach().argmax(1) == labels).float().mean().item()
+        if not math.isfinite(train_loss):
+            raise UserError(f'training diverged: the loss is {train_loss} after epoch {epoch + 1}; '
+                            f'a lower opt.lr may help')
         val_acc = evaluate(model, test_loader, tta_level=0)
         TABLE.row(run=run, epoch=epoch + 1, train_loss=train_loss, train_acc=train_acc,
                   val_acc=val_acc, time_seconds=clock.seconds)
@@ -652,16 +657,20 @@ LOG_FORMAT = 'airbench-study/1'
 
 
 class Table:
-    """The per-epoch table on stdout; its header comes before its first row."""
+    """The per-epoch table on stdout; its header comes before its first row. Under torchrun only
+    rank 0 prints it: one table to read, in which every run's eval row appears as it arrives."""
 
     def __init__(self, columns):
         self.columns = columns
         self.header_printed = False
+        self.quiet = False
 
     def line(self, cells):
         return '| ' + ' | '.join(cell.rjust(len(column)) for cell, column in zip(cells, self.columns)) + ' |'
 
     def row(self, last=False, **values):
+        if self.quiet:
+            return
         rule = '-' * len(self.line(self.columns))
         if not self.header_printed:
             print(rule, self.line(self.columns), rule, sep='\n')
@@ -832,7 +841,7 @@ class StudyLog:
     every run's result) and summary.json (the same without the source). Both are rewritten
     atomically after every run, so an interrupted study keeps every finished run."""
 
-    def __init__(self, log_root, hyp, argv, device, base_seed):
+    def __init__(self, log_root, hyp, argv, device, base_seed, device_names):
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%dT%H-%M-%SZ')
         self.dir = os.path.join(log_root, SCRIPT, f'{stamp}-{secrets.token_hex(4)}')
         os.makedirs(self.dir)
@@ -843,7 +852,8 @@ class StudyLog:
                      'command': ' '.join([sys.argv[0] if sys.argv[0] else SCRIPT + '.py'] + argv),
                      'argv': argv, 'hyp': hyp, 'seed': base_seed, 'device': str(device),
                      'device_name': device_name(device), 'torch': str(torch.__version__),
-                     'python': sys.version.split()[0], 'started': stamp}
+                     'python': sys.version.split()[0], 'started': stamp,
+                     'world_size': len(device_names), 'device_names': device_names}
         self.write()
 
     def add(self, result):
@@ -911,14 +921,79 @@ def parse_args(argv):
     return args
 
 
+class Ranks:
+    """The processes of one study. Without torchrun there is one, and torch.distributed is never
+    touched. Under torchrun (which sets RANK, WORLD_SIZE and LOCAL_RANK) there is one per rank:
+    rank r trains runs r, r + K, r + 2K, ... of the study on its own device, and after each round
+    of K runs the outcomes are gathered, so that rank 0 logs every run as it arrives and every
+    rank learns at once when another one failed."""
+
+    def __init__(self, environ=os.environ):
+        self.distributed = 'RANK' in environ and 'WORLD_SIZE' in environ
+        self.rank, self.size = int(environ.get('RANK', 0)), int(environ.get('WORLD_SIZE', 1))
+        self.local_rank = int(environ.get('LOCAL_RANK', 0))
+
+    def device(self, name):
+        """As asked without torchrun; under it, cuda:LOCAL_RANK, or the CPU with --device cpu."""
+        if not self.distributed:
+            return resolve_device(name)
+        if name not in (None, 'cuda', 'cpu'):
+            raise UserError(f'under torchrun each rank trains on cuda:LOCAL_RANK (--device cuda, the '
+                            f'default) or on the CPU (--device cpu), not on --device {name}')
+        return resolve_device('cpu' if name == 'cpu' else f'cuda:{self.local_rank}')
+
+    def connect(self, device):
+        if self.distributed:
+            if device.type == 'cuda':
+                torch.cuda.set_device(device)
+            torch.distributed.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+            # torchrun ends a study whose rank died by sending the others SIGTERM: close the log.
+            signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+    def gather(self, value):
+        """Every rank's value, in rank order; [value] without torchrun."""
+        if not self.distributed:
+            return [value]
+        values = [None] * self.size
+        torch.distributed.all_gather_object(values, value)
+        return values
+
+    def close(self):
+        if self.distributed and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+class StudyFailed(UserError):
+    """A run failed on some rank; every rank knows, and rank 0 alone reports it."""
+
+
+def train_run(ranks, run, run_hyp, base_seed, loaders, device):
+    """One run of the study: its result for the log or, under torchrun, the reason it failed, which
+    the other ranks must hear of rather than wait for this rank forever. Without torchrun a failure
+    is raised as it is."""
+    seed = run_seed(base_seed, run)
+    try:
+        torch.manual_seed(seed)
+        _, result = train(run_hyp, *loaders, device, run=run)
+        return {'run': run, 'seed': seed, **result, **({'rank': ranks.rank} if ranks.distributed else {})}
+    except Exception as exc:
+        if not ranks.distributed:
+            raise
+        if not isinstance(exc, UserError):
+            traceback.print_exc()  # a bug or e.g. out of memory: the traceback matters
+        return {'error': f'rank {ranks.rank} failed in run {run}: '
+                         f'{exc if isinstance(exc, UserError) else first_line(exc)}'}
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    ranks = Ranks()
     log = None
     try:
         run_hyp = override_hyp(hyp, parse_overrides(args.set))
         check_hyp(run_hyp)
-        device = resolve_device(args.device)
+        device = ranks.device(args.device)
         data_dir = args.data_dir or default_data_dir()
 
         def loaders():
@@ -926,45 +1001,70 @@ def main(argv=None):
                     CifarLoader(data_dir, False, TEST_BATCH_SIZE, device=device))
 
         train_loader, test_loader = loaders()  # missing or damaged data fails here, before any log
-        base_seed = secrets.randbits(32) if args.seed is None else args.seed
-        log = StudyLog(args.log_dir, run_hyp, argv, device, base_seed)
-        print(f'{SCRIPT}: study of {args.runs} run(s) on {device_name(device)}, torch {torch.__version__}, '
-              f'seed {base_seed}, log {log.dir}')
-        if device.type == 'cpu':
-            print(f'{SCRIPT}: training on the CPU in fp32, hundreds of times slower than a GPU')
-        if device.type == 'cuda' and not args.no_warmup:
+        ranks.connect(device)
+        base_seed = ranks.gather(secrets.randbits(32) if args.seed is None else args.seed)[0]
+        device_names = ranks.gather(device_name(device))
+        own_runs = range(ranks.rank, args.runs, ranks.size)
+        TABLE.quiet = ranks.rank > 0
+        if ranks.rank == 0:
+            log = StudyLog(args.log_dir, run_hyp, argv, device, base_seed, device_names)
+            where = device_names[0] if ranks.size == 1 else f'{ranks.size} ranks ({", ".join(device_names)})'
+            print(f'{SCRIPT}: study of {args.runs} run(s) on {where}, torch {torch.__version__}, '
+                  f'seed {base_seed}, log {log.dir}')
+            if device.type == 'cpu':
+                print(f'{SCRIPT}: training on the CPU in fp32, hundreds of times slower than a GPU')
+        if not own_runs:
+            print(f'{SCRIPT}: rank {ranks.rank} is idle: {args.runs} run(s) for {ranks.size} ranks')
+        if device.type == 'cuda' and not args.no_warmup and own_runs:
             print(f'{SCRIPT}: warm-up run on random labels, not part of the study')
             train_loader.labels = torch.randint_like(train_loader.labels, len(CIFAR10_CLASSES))
             train(run_hyp, train_loader, test_loader, device)
-        for run in range(args.runs):
-            if run > 0 or train_loader.epoch > 0:
-                train_loader, test_loader = loaders()
-            seed = run_seed(base_seed, run)
-            torch.manual_seed(seed)
-            _, result = train(run_hyp, train_loader, test_loader, device, run=run)
-            log.add({'run': run, 'seed': seed, **result})
-        log.close('complete')
-        print(format_summary(log.summary()))
-        print(f'{SCRIPT}: log written to {log.dir}')
-    except UserError as exc:
+        for first_run in range(0, args.runs, ranks.size):  # a round: one run on each rank
+            run, outcome = first_run + ranks.rank, None
+            if run < args.runs:
+                if train_loader.epoch > 0:  # used by the warm-up or the run before
+                    train_loader, test_loader = loaders()
+                outcome = train_run(ranks, run, run_hyp, base_seed, (train_loader, test_loader), device)
+            outcomes = ranks.gather(outcome)
+            for rank, finished in enumerate(outcomes):
+                if log is not None and finished is not None and 'error' not in finished:
+                    log.add(finished)
+                    if rank > 0:
+                        TABLE.row(run=finished['run'], epoch='eval', tta_val_acc=finished['tta_val_acc'],
+                                  time_seconds=finished['time_seconds'], last=True)
+            errors = [failed['error'] for failed in outcomes if failed is not None and 'error' in failed]
+            if errors:
+                raise StudyFailed('; '.join(errors))
         if log is not None:
-            log.close('failed')
-        fail(f'error: {exc}')
+            log.close('complete')
+            print(format_summary(log.summary()))
+            print(f'{SCRIPT}: log written to {log.dir}')
+    except UserError as exc:
+        if isinstance(exc, StudyFailed) and ranks.rank > 0:
+            sys.exit(1)  # rank 0 reports it
+        if log is None:
+            fail(f'error: {exc}', rank=ranks)
+        log.close('failed')
+        fail(f'error: {exc}; {len(log.results)} finished run(s) kept in {log.dir}', rank=ranks)
     except KeyboardInterrupt:
         if log is None:
-            fail('interrupted before the study started; nothing was logged', status=130)
+            fail('interrupted before the study started; nothing was logged', status=130, rank=ranks)
         log.close('interrupted')
-        fail(f'interrupted; {len(log.results)} finished run(s) kept in {log.dir}', status=130)
+        fail(f'interrupted; {len(log.results)} finished run(s) kept in {log.dir}', status=130, rank=ranks)
     except Exception:  # a bug or e.g. out of memory: the traceback matters, and so do the finished runs
         if log is not None:
             log.close('failed')
             print(f'{SCRIPT}.py: {len(log.results)} finished run(s) kept in {log.dir}', file=sys.stderr)
         raise
+    finally:
+        ranks.close()
 
 
-def fail(message, status=1):
-    """One line on stderr, no traceback; 130 is the shell's status for an interrupt."""
-    print(f'{SCRIPT}.py: {message}', file=sys.stderr)
+def fail(message, status=1, rank=None):
+    """One line on stderr, no traceback; 130 is the shell's status for an interrupt. Under torchrun
+    the line names the rank it comes from."""
+    where = f'rank {rank.rank}: ' if rank is not None and rank.distributed else ''
+    print(f'{SCRIPT}.py: {where}{message}', file=sys.stderr)
     sys.exit(status)
 
 

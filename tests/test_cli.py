@@ -24,9 +24,11 @@ def study_args(recipe, data_dir, log_dir, *extra, device='cpu'):
 
 
 def run_script(recipe, *args, stdout=subprocess.PIPE):
-    """The recipe started as a process of its own, its stderr (and stdout) piped as text."""
+    """The recipe started as a process of its own, its stderr (and stdout) piped as text. It gets
+    the default SIGINT action even where this process ignores SIGINT, as a background job does."""
     command = [sys.executable, os.path.join(ROOT, f'{recipe.__name__}.py'), *args]
-    return subprocess.Popen(command, stdout=stdout, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(command, stdout=stdout, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def only_log(recipe, log_dir):
@@ -93,12 +95,15 @@ def test_ctrl_c_keeps_finished_runs(recipe, tiny_data, tmp_path):
     def finished_runs():
         summaries = glob.glob(os.path.join(tmp_path, recipe.__name__, '*', 'summary.json'))
         return read_summary(os.path.dirname(summaries[0]))['n'] if summaries else 0
-    deadline = time.monotonic() + 300
-    while finished_runs() < 1 and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert finished_runs() >= 1 and process.poll() is None, 'no run finished in time to interrupt'
-    process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=60)
+    try:
+        deadline = time.monotonic() + 300
+        while finished_runs() < 1 and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert finished_runs() >= 1 and process.poll() is None, 'no run finished in time to interrupt'
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()  # a study of 500 runs must not outlive a failed test
     folder = only_log(recipe, tmp_path)
     summary = read_summary(folder)
     assert process.returncode == 130

@@ -1,0 +1,101 @@
+"""compare.py: the statistics of studies and of their difference, and its failure messages."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, assert_one_line
+
+sys.path.insert(0, ROOT)
+import compare  # noqa: E402  (a top-level script, like the recipes)
+
+# Reference values computed with scipy 1.17.1 (scipy.stats.ttest_ind(second, first,
+# equal_var=False), its confidence_interval(), and scipy.stats.t.interval), not with compare.py.
+FIRST = [0.9401, 0.9388, 0.9415, 0.9392, 0.9420]
+SECOND = [0.9502, 0.9489, 0.9511, 0.9478]
+FIRST_MEAN, FIRST_STD, FIRST_CI = 0.94032, 0.001398928161129069, (0.9385830012662527, 0.9420569987337474)
+WELCH = {'difference': 0.00918, 'ci95': (0.0068767545807791736, 0.011483245419220758),
+         'df': 6.451305561524046, 'p': 4.7238184512408754e-05}
+SMALL_SAMPLES = ([1.0, 2.0, 3.0, 4.0], [2.0, 2.5, 6.0, 7.0, 9.5])
+SMALL_WELCH = {'df': 5.530593107048519, 'p': 0.11462159831641205,
+               'ci95': (-0.9714561848192771, 6.771456184819278)}
+
+
+def test_study_statistics_against_reference_values():
+    stats = compare.study_stats(FIRST)
+    assert stats['n'] == 5 and stats['mean'] == pytest.approx(FIRST_MEAN, abs=1e-12)
+    assert stats['std'] == pytest.approx(FIRST_STD, rel=1e-9)
+    assert stats['ci95'] == pytest.approx(FIRST_CI, rel=1e-9)
+    assert compare.study_stats([0.9])['std'] is None and compare.study_stats([0.9])['ci95'] is None
+
+
+@pytest.mark.parametrize('first, second, expected', [
+    (FIRST, SECOND, WELCH),
+    (*SMALL_SAMPLES, SMALL_WELCH),
+])
+def test_welch_test_against_reference_values(first, second, expected):
+    result = compare.welch(first, second)
+    for key, value in expected.items():
+        assert result[key] == pytest.approx(value, rel=1e-7), key
+
+
+def test_t_distribution_against_tables():
+    for df, t in [(1, 12.7062), (4, 2.7764), (24, 2.0639), (1000, 1.9623)]:  # two-sided 95%
+        assert compare.t_critical(df) == pytest.approx(t, abs=1e-4)
+        assert compare.t_two_sided_p(t, df) == pytest.approx(0.05, abs=1e-4)
+    assert compare.t_two_sided_p(0.0, 7.5) == pytest.approx(1.0)
+
+
+def write_summary(folder, accuracies, times, script='airbench94.py', **extra):
+    folder.mkdir(parents=True)
+    runs = [{'run': i, 'tta_val_acc': a, 'time_seconds': t} for i, (a, t) in enumerate(zip(accuracies, times))]
+    summary = {'format': 'airbench-study/1', 'script': script, 'status': 'complete',
+               'device_name': 'NVIDIA A100', 'runs': runs, **extra}
+    (folder / 'summary.json').write_text(json.dumps(summary))
+    return folder
+
+
+def run_compare(*paths):
+    return subprocess.run([sys.executable, f'{ROOT}/compare.py', *map(str, paths)],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_two_studies_side_by_side(tmp_path):
+    first = write_summary(tmp_path / 'a', FIRST, [4.0] * 5)
+    second = write_summary(tmp_path / 'b', SECOND, [10.0] * 4, script='airbench95.py')
+    done = run_compare(first, second / 'summary.json')  # a folder and a file
+    assert done.returncode == 0 and done.stderr == ''
+    header, row_a, row_b, *rest = done.stdout.splitlines()
+    assert header.split()[:4] == ['study', 'script', 'status', 'n']
+    assert row_a.split()[:7] == ['1', 'airbench94.py', 'complete', '5', '94.03%', '0.14', '93.86%']
+    assert row_b.split()[:5] == ['2', 'airbench95.py', 'complete', '4', '94.95%']
+    assert '4.000 s' in row_a and 'NVIDIA A100' in row_a
+    comparison = rest[-1]
+    assert '+0.92 points' in comparison and '95% CI +0.69 to +1.15' in comparison
+    assert 'Welch p = 4.72e-05' in comparison and 'time ratio 2.500' in comparison
+
+
+@pytest.mark.parametrize('content, problem', [
+    ('{"format": "airbench-study/0", "runs": []}', "its format: 'airbench-study/0'"),
+    ('[1, 2]', 'its format: None'),
+    ('not json', 'cannot read'),
+    ('{"format": "airbench-study/1", "runs": [{"tta_val_acc": "high"}]}', 'its runs are damaged'),
+    ('{"format": "airbench-study/1", "status": "running", "runs": []}', 'holds no finished run'),
+])
+def test_foreign_or_damaged_summaries_get_one_line(tmp_path, content, problem):
+    path = tmp_path / 'summary.json'
+    path.write_text(content)
+    done = run_compare(path)
+    assert done.returncode == 1 and done.stdout == '' and problem in done.stderr and str(path) in done.stderr
+    assert_one_line(done.stderr)
+
+
+def test_missing_path_and_too_few_runs(tmp_path):
+    done = run_compare(tmp_path / 'nowhere')
+    assert done.returncode == 1 and 'does not exist' in done.stderr
+    assert_one_line(done.stderr)
+    one_run = write_summary(tmp_path / 'one', [0.94], [3.0])
+    done = run_compare(one_run, write_summary(tmp_path / 'two', FIRST, [3.0] * 5))
+    assert done.returncode == 1 and 'at least 2 runs' in done.stderr
+    assert run_compare(one_run).returncode == 0  # a single study of one run is just listed
