@@ -62,24 +62,41 @@ def test_more_ranks_than_runs(airbench94, tiny_data, tmp_path):
     assert only_summary(tmp_path, airbench94)['n'] == 1
 
 
+def failing_in_run(tmp_path, run, failure):
+    """A script that runs airbench94.main(), except that run `run` executes `failure` instead."""
+    wrapper = tmp_path / f'fails_in_run_{run}.py'
+    wrapper.write_text(
+        f'import os\nimport sys\nsys.path.insert(0, {ROOT!r})\nimport airbench94\n'
+        'real_train = airbench94.train\n\n'
+        'def train(*args, run=None, **kwargs):\n'
+        f'    if run == {run}:\n'
+        f'        {failure}\n'
+        '    return real_train(*args, run=run, **kwargs)\n\n'
+        'airbench94.train = train\nairbench94.main()\n')
+    return str(wrapper)
+
+
 def test_a_failing_rank_stops_the_study(airbench94, tiny_data, tmp_path):
     """Rank 1 fails in its first run (run 1): the study ends at once, naming rank and run, and the
     log keeps run 0, which rank 0 finished in the same round."""
-    wrapper = tmp_path / 'fails_in_run_1.py'
-    wrapper.write_text(
-        f'import sys\nsys.path.insert(0, {ROOT!r})\nimport airbench94\n'
-        'real_train = airbench94.train\n\n'
-        'def train(*args, run=None, **kwargs):\n'
-        '    if run == 1:\n'
-        '        raise RuntimeError("CUDA out of memory (simulated)")\n'
-        '    return real_train(*args, run=run, **kwargs)\n\n'
-        'airbench94.train = train\nairbench94.main()\n')
-    done, seconds = torchrun(airbench94, tiny_data, tmp_path / 'logs', '--runs', '6', script=str(wrapper))
+    script = failing_in_run(tmp_path, 1, 'raise RuntimeError("CUDA out of memory (simulated)")')
+    done, seconds = torchrun(airbench94, tiny_data, tmp_path / 'logs', '--runs', '6', script=script)
     assert done.returncode != 0 and seconds < STUDY_TIMEOUT
     assert 'rank 1 failed in run 1: RuntimeError: CUDA out of memory (simulated)' in done.stderr
     summary = only_summary(tmp_path / 'logs', airbench94)
     assert summary['status'] == 'failed' and [run['run'] for run in summary['runs']] == [0]
     assert f'1 finished run(s) kept in {tmp_path / "logs"}' in done.stderr
+
+
+def test_a_rank_that_dies_outright(airbench94, tiny_data, tmp_path):
+    """Rank 1's process ends in run 5 (its third): torchrun stops rank 0, which marks the log
+    interrupted and keeps the runs of the two rounds gathered before."""
+    script = failing_in_run(tmp_path, 5, 'os._exit(1)')
+    done, seconds = torchrun(airbench94, tiny_data, tmp_path / 'logs', '--runs', '6', script=script)
+    assert done.returncode != 0 and seconds < STUDY_TIMEOUT
+    summary = only_summary(tmp_path / 'logs', airbench94)
+    assert summary['status'] == 'interrupted' and 2 <= summary['n'] <= 4
+    assert f'rank 0: interrupted; {summary["n"]} finished run(s) kept in' in done.stderr
 
 
 def test_a_diverging_run_is_one_clear_line(airbench94, tiny_data, tmp_path, capsys):
