@@ -896,7 +896,8 @@ def parse_args(argv):
         prog=SCRIPT + '.py', description=__doc__.splitlines()[0],
         epilog='Every study writes logs/<script>/<time>-<id>/summary.json and log.pt, updated after '
                'each run. Data: the CIFAR-10 cache (train.pt, test.pt) in the data folder; when it is '
-               f'missing, {CIFAR10_TARBALL} is downloaded from {CIFAR10_URL} into that folder.')
+               f'missing, {CIFAR10_TARBALL} is downloaded from {CIFAR10_URL} into that folder. Many GPUs: '
+               f'torchrun --nproc_per_node=K {SCRIPT}.py --runs N (README.md: Running large studies).')
     parser.add_argument('--runs', type=int, default=25,
                         help='number of timed trainings in the study (default: %(default)s)')
     parser.add_argument('--data-dir', default=None,

@@ -89,8 +89,6 @@ def welch(first, second):
     """Welch's t-test of mean(second) - mean(first): the difference, its 95% confidence interval,
     the Welch-Satterthwaite degrees of freedom and the two-sided p-value."""
     a, b = study_stats(first), study_stats(second)
-    if a['n'] < 2 or b['n'] < 2:
-        raise UserError('comparing two studies needs at least 2 runs in each')
     va, vb = a['std'] ** 2 / a['n'], b['std'] ** 2 / b['n']
     difference = b['mean'] - a['mean']
     standard_error = math.sqrt(va + vb)
@@ -155,7 +153,9 @@ def report(studies):
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ['  '.join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
     lines += [f'{number}: {study["path"]}' for number, study in enumerate(studies, 1)]
-    if len(studies) == 2:
+    if len(studies) == 2 and min(study['n'] for study in studies) < 2:
+        lines.append('2 - 1: not compared: a difference of means needs at least 2 runs in each study')
+    elif len(studies) == 2:
         first, second = studies
         test = welch(first['accuracies'], second['accuracies'])
         low, high = test['ci95']
