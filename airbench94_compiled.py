@@ -973,6 +973,9 @@ class Ranks:
         if name not in (None, 'cuda', 'cpu'):
             raise UserError(f'under torchrun each rank trains on cuda:LOCAL_RANK (--device cuda, the '
                             f'default) or on the CPU (--device cpu), not on --device {name}')
+        if name != 'cpu' and not torch.cuda.is_available():
+            raise UserError(f'under torchrun each rank trains on cuda:LOCAL_RANK, but this torch '
+                            f'{torch.__version__} sees no CUDA GPU; add --device cpu')
         return resolve_device('cpu' if name == 'cpu' else f'cuda:{self.local_rank}')
 
     def connect(self, device):
@@ -1001,21 +1004,33 @@ class StudyFailed(UserError):
 
 
 def train_run(ranks, run, run_hyp, base_seed, loaders, device):
-    """One run of the study: its result for the log or, under torchrun, the reason it failed, which
-    the other ranks must hear of rather than wait for this rank forever. Without torchrun a failure
-    is raised as it is."""
+    """Run `run` of the study, seeded from (base_seed, run): its entry in the log."""
     seed = run_seed(base_seed, run)
+    torch.manual_seed(seed)
+    _, result = train(run_hyp, *loaders, device, run=run)
+    return {'run': run, 'seed': seed, **result, **({'rank': ranks.rank} if ranks.distributed else {})}
+
+
+def attempt(ranks, what, work):
+    """work()'s value. Under torchrun a failure is returned instead, as {'error': ...} naming the
+    rank and `what`: the other ranks must hear of it rather than wait for this rank forever.
+    Without torchrun it is raised as it is."""
     try:
-        torch.manual_seed(seed)
-        _, result = train(run_hyp, *loaders, device, run=run)
-        return {'run': run, 'seed': seed, **result, **({'rank': ranks.rank} if ranks.distributed else {})}
+        return work()
     except Exception as exc:
         if not ranks.distributed:
             raise
         if not isinstance(exc, UserError):
             traceback.print_exc()  # a bug or e.g. out of memory: the traceback matters
-        return {'error': f'rank {ranks.rank} failed in run {run}: '
+        return {'error': f'rank {ranks.rank} failed in {what}: '
                          f'{exc if isinstance(exc, UserError) else first_line(exc)}'}
+
+
+def stop_on_failures(outcomes):
+    """Raises StudyFailed, on every rank alike, when any rank's outcome is a failure."""
+    errors = [outcome['error'] for outcome in outcomes if outcome is not None and 'error' in outcome]
+    if errors:
+        raise StudyFailed('; '.join(errors))
 
 
 def main(argv=None):
@@ -1033,8 +1048,12 @@ def main(argv=None):
             return (CifarLoader(data_dir, True, run_hyp['opt']['batch_size'], run_hyp['aug'], device=device),
                     CifarLoader(data_dir, False, TEST_BATCH_SIZE, device=device))
 
-        train_loader, test_loader = loaders()  # missing or damaged data fails here, before any log
         ranks.connect(device)
+        if ranks.local_rank > 0:
+            ranks.gather(None)  # wait for local rank 0 to load the data, building the cache if need be
+        train_loader, test_loader = loaders()  # missing or damaged data fails here, before any log
+        if ranks.local_rank == 0:
+            ranks.gather(None)
         base_seed = ranks.gather(secrets.randbits(32) if args.seed is None else args.seed)[0]
         device_names = ranks.gather(device_name(device))
         own_runs = range(ranks.rank, args.runs, ranks.size)
@@ -1048,19 +1067,25 @@ def main(argv=None):
                 print(f'{SCRIPT}: training on the CPU in fp32, hundreds of times slower than a GPU')
         if not own_runs:
             print(f'{SCRIPT}: rank {ranks.rank} is idle: {args.runs} run(s) for {ranks.size} ranks')
+        warmup = None
         if not args.no_warmup and own_runs:  # a short one: enough epochs to compile both variants
             print(f'{SCRIPT}: warm-up run on random labels, not part of the study; it compiles the network')
             train_loader.labels = torch.randint_like(train_loader.labels, len(CIFAR10_CLASSES))
             warmup_epochs = min(run_hyp['opt']['train_epochs'], run_hyp['opt']['whiten_bias_epochs'] + 1)
+            warmup_hyp = override_hyp(run_hyp, {'opt.train_epochs': warmup_epochs})
             started = time.perf_counter()
-            train(override_hyp(run_hyp, {'opt.train_epochs': warmup_epochs}), train_loader, test_loader, device)
+            warmup = attempt(ranks, 'its warm-up run',
+                             lambda: train(warmup_hyp, train_loader, test_loader, device)[1])
             print(f'{SCRIPT}: compiled in {time.perf_counter() - started:.1f} s (warm-up run included)')
+        stop_on_failures(ranks.gather(warmup))
         for first_run in range(0, args.runs, ranks.size):  # a round: one run on each rank
             run, outcome = first_run + ranks.rank, None
             if run < args.runs:
                 if train_loader.epoch > 0:  # used by the warm-up or the run before
                     train_loader, test_loader = loaders()
-                outcome = train_run(ranks, run, run_hyp, base_seed, (train_loader, test_loader), device)
+                loaders_of_run = (train_loader, test_loader)
+                outcome = attempt(ranks, f'run {run}',
+                                  lambda: train_run(ranks, run, run_hyp, base_seed, loaders_of_run, device))
             outcomes = ranks.gather(outcome)
             for rank, finished in enumerate(outcomes):
                 if log is not None and finished is not None and 'error' not in finished:
@@ -1068,21 +1093,25 @@ def main(argv=None):
                     if rank > 0:
                         TABLE.row(run=finished['run'], epoch='eval', tta_val_acc=finished['tta_val_acc'],
                                   time_seconds=finished['time_seconds'], last=True)
-            errors = [failed['error'] for failed in outcomes if failed is not None and 'error' in failed]
-            if errors:
-                raise StudyFailed('; '.join(errors))
+            stop_on_failures(outcomes)
         if log is not None:
             log.close('complete')
             print(format_summary(log.summary()))
             print(f'{SCRIPT}: log written to {log.dir}')
     except UserError as exc:
-        if isinstance(exc, StudyFailed) and ranks.rank > 0:
-            sys.exit(1)  # rank 0 reports it
-        if log is None:
-            fail(f'error: {exc}', rank=ranks)
-        log.close('failed')
-        fail(f'error: {exc}; {len(log.results)} finished run(s) kept in {log.dir}', rank=ranks)
+        kept = ''
+        if log is not None:
+            log.close('failed')
+            kept = f'; {len(log.results)} finished run(s) kept in {log.dir}'
+        if isinstance(exc, StudyFailed):  # every rank is here: rank 0 reports, then all leave
+            if ranks.rank == 0:
+                print(f'{SCRIPT}.py: error: {exc}{kept}', file=sys.stderr, flush=True)
+            ranks.gather(None)  # were another rank to exit first, torchrun would stop rank 0
+            sys.exit(1)
+        fail(f'error: {exc}{kept}', rank=ranks)
     except KeyboardInterrupt:
+        if ranks.rank > 0:
+            fail('interrupted; rank 0 keeps the log', status=130, rank=ranks)
         if log is None:
             fail('interrupted before the study started; nothing was logged', status=130, rank=ranks)
         log.close('interrupted')

@@ -89,6 +89,8 @@ def welch(first, second):
     """Welch's t-test of mean(second) - mean(first): the difference, its 95% confidence interval,
     the Welch-Satterthwaite degrees of freedom and the two-sided p-value."""
     a, b = study_stats(first), study_stats(second)
+    if a['n'] < 2 or b['n'] < 2:
+        raise UserError('a difference of means needs at least 2 runs in each study')
     va, vb = a['std'] ** 2 / a['n'], b['std'] ** 2 / b['n']
     difference = b['mean'] - a['mean']
     standard_error = math.sqrt(va + vb)

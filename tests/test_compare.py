@@ -49,7 +49,8 @@ def test_t_distribution_against_tables():
 
 def write_summary(folder, accuracies, times, script='airbench94.py', **extra):
     folder.mkdir(parents=True)
-    runs = [{'run': i, 'tta_val_acc': a, 'time_seconds': t} for i, (a, t) in enumerate(zip(accuracies, times))]
+    runs = [{'run': i, 'tta_val_acc': accuracy, 'time_seconds': seconds}
+            for i, (accuracy, seconds) in enumerate(zip(accuracies, times))]
     summary = {'format': 'airbench-study/1', 'script': script, 'status': 'complete',
                'device_name': 'NVIDIA A100', 'runs': runs, **extra}
     (folder / 'summary.json').write_text(json.dumps(summary))
@@ -99,3 +100,5 @@ def test_missing_path_and_too_few_runs(tmp_path):
     done = run_compare(one_run, write_summary(tmp_path / 'two', FIRST, [3.0] * 5))
     assert done.returncode == 0 and done.stdout.count('\n') == 6  # header, 2 rows, 2 paths, note
     assert 'not compared: a difference of means needs at least 2 runs' in done.stdout
+    with pytest.raises(compare.UserError, match='at least 2 runs'):
+        compare.welch([0.94], FIRST)

@@ -20,12 +20,11 @@ def airbench94():
     return importlib.import_module('airbench94')
 
 
-def torchrun(recipe, data_dir, log_dir, *args, script=None, processes=2):
-    """The recipe (or a script around it) under torchrun on the CPU: (process, seconds taken)."""
+def torchrun(recipe, data_dir, log_dir, *args, script=None, processes=2, device=('--device', 'cpu')):
+    """The recipe (or a script around it) under torchrun, at test size: (process, seconds taken)."""
     command = [sys.executable, '-m', 'torch.distributed.run', '--standalone',
                f'--nproc_per_node={processes}', script or os.path.join(ROOT, f'{recipe.__name__}.py'),
-               '--data-dir', data_dir, '--log-dir', str(log_dir), '--device', 'cpu',
-               *tiny_set_args(recipe), *args]
+               '--data-dir', data_dir, '--log-dir', str(log_dir), *device, *tiny_set_args(recipe), *args]
     started = time.monotonic()
     done = subprocess.run(command, capture_output=True, text=True, timeout=STUDY_TIMEOUT,
                           env={**os.environ, 'OMP_NUM_THREADS': '1'})
@@ -99,6 +98,14 @@ def test_a_rank_that_dies_outright(airbench94, tiny_data, tmp_path):
     assert f'rank 0: interrupted; {summary["n"]} finished run(s) kept in' in done.stderr
 
 
+@pytest.mark.skipif(importlib.import_module('torch').cuda.is_available(), reason='this machine has CUDA')
+def test_torchrun_without_cuda_asks_for_the_cpu(airbench94, tiny_data, tmp_path):
+    done, _ = torchrun(airbench94, tiny_data, tmp_path, processes=1, device=())
+    assert done.returncode != 0
+    assert 'airbench94.py: rank 0: error: under torchrun each rank trains on cuda:LOCAL_RANK' in done.stderr
+    assert 'add --device cpu' in done.stderr and not os.listdir(tmp_path)
+
+
 def test_a_diverging_run_is_one_clear_line(airbench94, tiny_data, tmp_path, capsys):
     status, _, err = run_main(airbench94, capsys, '--data-dir', tiny_data, '--log-dir', str(tmp_path),
                               '--device', 'cpu', '--runs', '2', *tiny_set_args(airbench94),
@@ -110,5 +117,6 @@ def test_a_diverging_run_is_one_clear_line(airbench94, tiny_data, tmp_path, caps
 @pytest.mark.parametrize('name', AIRBENCH_SCRIPTS)
 def test_every_airbench_script_shares_the_distributed_code(airbench94, name):
     recipe = importlib.import_module(name)
-    for function in ('Ranks', 'StudyFailed', 'train_run', 'fail'):
-        assert inspect.getsource(getattr(recipe, function)) == inspect.getsource(getattr(airbench94, function))
+    for function in ('Ranks', 'StudyFailed', 'train_run', 'attempt', 'stop_on_failures', 'fail'):
+        ours, base = getattr(recipe, function), getattr(airbench94, function)
+        assert inspect.getsource(ours) == inspect.getsource(base), function
