@@ -19,6 +19,8 @@ RECIPES = {
     'airbench94': {
         'params': 1_972_792,  # the paper's "1.97 million parameters"
         'trained_tensors': 8,  # the whitening bias, six conv weights, the head (BatchNorm biases apart)
+        'logit_scale': 1 / 9,  # what the head's outputs are multiplied by
+        'optimizer': 'sgd',  # make_optimizer's Nesterov SGD, with Lookahead
         'hyp': {
             'opt.train_epochs': 9.9, 'opt.batch_size': 1024, 'opt.lr': 11.5, 'opt.momentum': 0.85,
             'opt.weight_decay': 0.0153, 'opt.bias_scaler': 64.0, 'opt.label_smoothing': 0.2,
@@ -46,9 +48,11 @@ RECIPES = {
 }
 
 
-def sibling(base, changes, **facts):
-    """A recipe entry: `base`'s with its hyp facts changed by `changes` and its other facts replaced."""
-    return {**base, **facts, 'hyp': {**base['hyp'], **changes}}
+def sibling(base, changes, removed=(), **facts):
+    """A recipe entry: `base`'s with its hyp facts changed by `changes`, the `removed` hyp keys
+    dropped, and its other facts replaced."""
+    hyp = {key: value for key, value in {**base['hyp'], **changes}.items() if key not in removed}
+    return {**base, **facts, 'hyp': hyp}
 
 
 AIRBENCH94 = RECIPES['airbench94']
@@ -83,6 +87,35 @@ RECIPES['airbench96'] = sibling(
     slow_overrides={'opt.batch_size': 512, 'opt.train_epochs': 4,
                     'net.widths': {'block1': 32, 'block2': 96, 'block3': 128}},
     slow_images=(10_000, 2_000), slow_tta_acc_above=0.57,
+)
+
+RECIPES['airbench94_muon'] = sibling(
+    RECIPES['airbench94_compiled'],
+    {'opt.train_epochs': 8.0, 'opt.batch_size': 2000, 'opt.muon_lr': 0.24, 'opt.muon_momentum': 0.6,
+     'opt.newton_schulz_steps': 3, 'opt.bias_lr': 0.053, 'opt.head_lr': 0.67, 'opt.weight_decay': 2e-6,
+     'opt.lr_knots': ((0.0, 1.0), (1.0, 0.0)), 'net.compile_on_cpu': False},
+    removed=('opt.lr', 'opt.bias_scaler', 'opt.lookahead_every', 'opt.lookahead_decay',
+             'net.scaling_factor'),
+    diff_base='airbench94_compiled', diff_bound=215,
+    logit_scale=1 / 256, optimizer='muon',  # not make_optimizer's SGD, and no Lookahead
+    tiny={},  # nothing is compiled on the CPU unless net.compile_on_cpu is set
+    # Measured as airbench94's (10k/2k images): SLOW_MUON
+    slow_overrides={'opt.batch_size': 500, 'opt.train_epochs': 3.0,
+                    'net.widths': {'block1': 32, 'block2': 96, 'block3': 96}},
+    slow_images=(10_000, 2_000), slow_tta_acc_above=0.72,
+)
+RECIPES['airbench96_faster'] = sibling(
+    RECIPES['airbench96'],
+    {'opt.train_epochs': 45.0, 'opt.filter_keep': 0.5, 'opt.proxy_every': 4,
+     'net.proxy_widths.block1': 32, 'net.proxy_widths.block2': 64, 'net.proxy_widths.block3': 64,
+     'net.compile_backend': 'inductor', 'net.compile_mode': 'max-autotune', 'net.compile_on_cpu': False},
+    diff_base='airbench96', diff_bound=155,
+    tiny={'net.proxy_widths': {'block1': 8, 'block2': 8, 'block3': 8}},
+    # Measured as airbench94's (10k/2k images): SLOW_FASTER
+    slow_overrides={'opt.batch_size': 512, 'opt.train_epochs': 4,
+                    'net.widths': {'block1': 32, 'block2': 96, 'block3': 128},
+                    'net.proxy_widths': {'block1': 16, 'block2': 32, 'block3': 32}},
+    slow_images=(10_000, 2_000), slow_tta_acc_above=0.5,
 )
 
 # Small enough that a CPU step takes milliseconds; the recipe is otherwise unchanged.
@@ -120,6 +153,22 @@ def no_inherited_data_dir(monkeypatch):
 def real_data_dir():
     """The folder of real CIFAR-10 images (or the JPEG stand-in) that slow tests train on."""
     return REAL_DATA_DIR
+
+
+RECORDING_BACKEND = 'record_graph_for_tests'
+
+
+@pytest.fixture(scope='session')
+def graphs_compiled():
+    """The graphs that torch.compile's backend RECORDING_BACKEND was given, which it runs as they
+    are: the list grows by one for each compilation."""
+    graphs = []
+
+    def record_graph(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+    torch._dynamo.register_backend(record_graph, name=RECORDING_BACKEND)
+    return graphs
 
 
 def go_offline(monkeypatch, module, url_attribute):

@@ -14,7 +14,7 @@ import torch
 
 from conftest import ROOT, assert_one_line, run_main, tiny_set_args
 
-SEEDED = ('--seed', '7', '--set', 'opt.lr=10')
+SEEDED = ('--seed', '7', '--set', 'opt.label_smoothing=0.1')
 
 
 def study_args(recipe, data_dir, log_dir, *extra, device='cpu'):
@@ -63,7 +63,7 @@ def test_study_log_contents(recipe, study):
     summary = read_summary(folder)
     assert summary['format'] == recipe.LOG_FORMAT and summary['status'] == 'complete'
     assert summary['script'] == f'{recipe.__name__}.py' and summary['n'] == 2
-    assert summary['hyp']['opt']['lr'] == 10.0 and summary['hyp']['opt']['batch_size'] == 32
+    assert summary['hyp']['opt']['label_smoothing'] == 0.1 and summary['hyp']['opt']['batch_size'] == 32
     assert summary['seed'] == 7
     assert [run['seed'] for run in summary['runs']] == [recipe.run_seed(7, i) for i in range(2)]
     accs = [run['tta_val_acc'] for run in summary['runs']]
@@ -124,11 +124,11 @@ def test_cuda_study_warms_up_first(recipe, tiny_data, tmp_path, capsys):
 
 
 def test_set_overrides(recipe):
-    parsed = recipe.parse_overrides(['opt.lr=10', 'aug.flip=False', "net.widths={'block1': 96}",
+    parsed = recipe.parse_overrides(['opt.train_epochs=10', 'aug.flip=False', "net.widths={'block1': 96}",
                                      'opt.lr_knots=((0, 0.2), (0.1, 1), (1, 0))'])
     before = copy.deepcopy(recipe.hyp)
     new = recipe.override_hyp(recipe.hyp, parsed)
-    assert new['opt']['lr'] == 10.0 and isinstance(new['opt']['lr'], float)
+    assert new['opt']['train_epochs'] == 10.0 and isinstance(new['opt']['train_epochs'], float)
     assert new['aug']['flip'] is False and new['net']['widths']['block1'] == 96
     assert new['net']['widths']['block2'] == recipe.hyp['net']['widths']['block2']
     assert recipe.lr_multiplier(0.1, new['opt']['lr_knots']) == pytest.approx(1)
@@ -149,16 +149,16 @@ def test_bad_overrides(recipe, overrides, message):
 def test_unknown_key_lists_valid_ones(recipe):
     with pytest.raises(recipe.UserError) as error:
         recipe.override_hyp(recipe.hyp, {'opt.nope': 1})
-    assert 'opt.lr' in str(error.value) and 'net.widths.block1' in str(error.value)
+    assert 'opt.batch_size' in str(error.value) and 'net.widths.block1' in str(error.value)
 
 
 @pytest.mark.parametrize('args, message', [
-    (['--set', 'opt.lr'], '--set expects KEY=VALUE'),
+    (['--set', 'opt.momentum'], '--set expects KEY=VALUE'),
     (['--set', 'opt.momentum=1.5'], 'opt.momentum must be in [0, 1)'),
     (['--set', 'net.tta_level=3'], 'net.tta_level must be 0, 1 or 2'),
-    (['--set', 'opt.lrr=1'], 'unknown hyp key'),
+    (['--set', 'opt.momentumm=1'], 'unknown hyp key'),
     (['--set', 'opt.lr_knots=[1, 2]'], 'opt.lr_knots must be (fraction, multiplier) pairs'),
-    (['--set', 'opt.lr=fast'], "opt.lr must be of type float"),
+    (['--set', 'opt.momentum=fast'], "opt.momentum must be of type float"),
     (['--runs', '0'], '--runs must be at least 1'),
     (['--runs', 'many'], "invalid int value: 'many'"),
     (['--device', 'tpu'], "unknown device 'tpu'"),
