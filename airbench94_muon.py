@@ -18,7 +18,8 @@ Changes relative to airbench94_compiled
 What is timed (paper, section 2)
     From the first touch of training data (the whitening initialization included) until test-set
     predictions with test-time augmentation exist. Per-epoch evaluation without TTA is outside the
-    clock. On CUDA a warm-up run on random labels comes first and is not counted.
+    clock. Where the network is compiled (on CUDA) a warm-up run on random labels comes first and
+    is not counted.
 
 Lineage
     Page (2019), "How to train your ResNet" -> tysam-code, hlb-CIFAR10 (2023) -> airbench (2024).
@@ -65,8 +66,9 @@ from torch import nn
 #############################################
 
 # Muon's step length does not depend on the gradient's size, only its direction does. SGD's
-# learning rates are PyTorch's, on the loss summed over the batch; its weight decay is per example,
-# so that each step shrinks the weights by weight_decay * batch_size * the schedule's multiplier.
+# learning rates are PyTorch's, on the loss summed over the batch; its weight decay is per example
+# and decoupled: each step's shrinkage, weight_decay * batch_size times the schedule's multiplier
+# (and lengthened by momentum, as every step is), does not depend on the learning rate.
 hyp = {
     'opt': {
         'train_epochs': 8.0,        # passes over the training set; the last one stops part-way
@@ -434,7 +436,7 @@ def make_net(hyp_net=None):
         pool=nn.MaxPool2d(3),
         flatten=nn.Flatten(),
         head=nn.Linear(widths['block3'], 10, bias=False),
-        scale=Scale(1 / widths['block3']),  # large logits at init would slow Muon's start
+        scale=Scale(1 / widths['block3']),  # with the head at unit std, keeps the first logits small
     ))
     with torch.no_grad():
         net.head.weight.div_(net.head.weight.std())  # unit standard deviation, as the scale assumes
@@ -454,7 +456,9 @@ def place_on(model, device):
     return model
 
 
-COMPILED = {}  # (architecture, device, precision) -> (network, variant with bias, variant without)
+# (architecture, device, precision) -> (network, variant with bias, variant without), and
+# ('newton_schulz', backend, device) -> the compiled function.
+COMPILED = {}
 
 
 def compiles(hyp_net, device):
@@ -492,7 +496,7 @@ def compiled_newton_schulz(hyp_net, device):
         return newton_schulz
     key = ('newton_schulz', hyp_net['compile_backend'], str(device))
     if key not in COMPILED:
-        # One specialized graph per filter shape; compiled_net's raised limit leaves room for them.
+        # One specialized graph per filter shape (5 in the recipe), within dynamo's limit per function.
         COMPILED[key] = torch.compile(newton_schulz, backend=hyp_net['compile_backend'], dynamic=False)
     return COMPILED[key]
 
@@ -527,9 +531,10 @@ NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # (a, b, c): see newton_
 
 def newton_schulz(matrix, steps):
     """An approximately orthogonal matrix with the singular vectors of `matrix` (2-D), in bfloat16.
-    Scaled to unit Frobenius norm, every singular value s lies in (0, 1]; each step X <- aX + (bA +
+    Scaled to unit Frobenius norm, every singular value s lies in [0, 1]; each step X <- aX + (bA +
     cA^2)X with A = XX^T maps each s to a*s + b*s^3 + c*s^5. The coefficients trade exactness for
-    speed: a few steps bring even small values to between about 0.7 and 1.2, not to 1."""
+    speed: 3 steps bring every value above about 0.02 to between about 0.7 and 1.2, not to 1, and
+    leave smaller ones (directions the gradient hardly has) smaller."""
     a, b, c = NEWTON_SCHULZ_COEFFICIENTS
     x = matrix.bfloat16()
     x = x / (x.norm() + 1e-7)
@@ -546,9 +551,9 @@ class Muon(torch.optim.Optimizer):
     """Muon (Jordan et al., 2024) for conv filters. Each step keeps a Nesterov momentum buffer
     (buffer = momentum * buffer + grad; direction = grad + momentum * buffer), rescales the weight
     to Frobenius norm sqrt(out_channels), and subtracts lr times the direction, reshaped to
-    out_channels x (everything else) and orthogonalized. The orthogonalized update has norm about
-    sqrt(out_channels) as well, so lr is the step's size relative to the weight; and with the norm
-    fixed, the weight needs no decay."""
+    out_channels x (everything else) and orthogonalized. The orthogonalized update has norm up to
+    about sqrt(out_channels) as well, so lr bounds the step's size relative to the weight; and with
+    the norm fixed, the weight needs no decay."""
 
     def __init__(self, params, lr, momentum, newton_schulz_steps, orthogonalize=newton_schulz):
         super().__init__(params, dict(lr=lr, momentum=momentum, newton_schulz_steps=newton_schulz_steps))

@@ -32,18 +32,19 @@ RECIPES = {
             'net.scaling_factor': 1 / 9, 'net.whiten_images': 5000, 'net.whiten_eps': 5e-4,
             'net.tta_level': 2,
         },
-        # The slow test (test_slow.py): the recipe made small enough for about a CPU minute, the
-        # (training, test) images it uses, and the TTA accuracy it must beat. Measured 2026-11-21
-        # on the CIFAR-10-JPEG stand-in, two cores, torch 2.13.0+cpu, seeds 0 and 1: 0.6495 and
-        # 0.6680 (0.6415 and 0.6610 without TTA), 61 s and 55 s. (On 20k/5k images: 0.7768 and
-        # 0.7822 in 133 s and 135 s; halved to keep CI within its time.)
+        # The slow test (test_slow.py): the recipe made small enough for well under a CPU minute,
+        # the (training, test) images it uses, and the TTA accuracy it must beat. Measured
+        # 2026-11-21 on the CIFAR-10-JPEG stand-in, two cores, torch 2.13.0+cpu, seeds 0 and 1:
+        # 0.5225 and 0.5365 (0.5070 and 0.5370 without TTA), 38 s and 43 s. (On 10k/2k images:
+        # 0.6495 and 0.6680 in about 58 s; on 20k/5k: 0.7768 and 0.7822 in 134 s; cut to keep CI
+        # within its time as the collection grew.)
         'slow_overrides': {
             'opt.batch_size': 512,  # lr and weight decay are per example: their meaning holds
             'opt.train_epochs': 4,
             'net.widths': {'block1': 32, 'block2': 128, 'block3': 128},
         },
-        'slow_images': (10_000, 2_000),
-        'slow_tta_acc_above': 0.62,
+        'slow_images': (5_000, 2_000),
+        'slow_tta_acc_above': 0.50,
     },
 }
 
@@ -64,29 +65,29 @@ RECIPES['airbench94_compiled'] = sibling(
     # The tests compile with AOTAutograd but generate no code: seconds, not minutes, per graph.
     tiny={'net.compile_backend': 'aot_eager'},
     # The slow test keeps inductor, which generates C++ on the CPU; mode 'default', because
-    # max-autotune spends minutes there. Measured as airbench94's: 0.6460 and 0.6655, 88 s and
-    # 62 s, compilation included.
+    # max-autotune spends minutes there. Measured as airbench94's: 0.5260 and 0.5400, 42 s and
+    # 44 s, compilation included.
     slow_overrides={**AIRBENCH94['slow_overrides'], 'net.compile_mode': 'default'},
 )
 RECIPES['airbench95'] = sibling(
     AIRBENCH94, {'opt.train_epochs': 15.0, 'opt.lr': 10.0,
                  'net.widths.block1': 128, 'net.widths.block2': 384, 'net.widths.block3': 384},
     params=4_606_520, diff_bound=13,
-    # Measured as airbench94's (10k/2k images): 0.6510 and 0.6425, 44 s and 39 s.
+    # Measured as airbench94's: 0.5085 and 0.5045, 36 s (seed 1).
     slow_overrides={'opt.batch_size': 512, 'opt.train_epochs': 4,
                     'net.widths': {'block1': 32, 'block2': 96, 'block3': 96}},
-    slow_images=(10_000, 2_000), slow_tta_acc_above=0.62,
+    slow_tta_acc_above=0.48,
 )
 RECIPES['airbench96'] = sibling(
     AIRBENCH94, {'opt.train_epochs': 37.0, 'opt.lr': 9.0, 'opt.weight_decay': 0.012,
                  'opt.lr_knots': ((0.0, 0.2), (0.1, 1.0), (1.0, 0.0)), 'aug.translate': 4, 'aug.cutout': 12,
                  'net.widths.block1': 128, 'net.widths.block2': 384, 'net.widths.block3': 512},
     params=9_918_776, trained_tensors=11, diff_bound=46,
-    # Measured as airbench94's (10k/2k images; cutout costs accuracy this early): 0.5980 and
-    # 0.5940, 52 s and 54 s.
+    # Measured as airbench94's (cutout costs accuracy this early): 0.4670 and 0.4885, 43 s
+    # (seed 1).
     slow_overrides={'opt.batch_size': 512, 'opt.train_epochs': 4,
                     'net.widths': {'block1': 32, 'block2': 96, 'block3': 128}},
-    slow_images=(10_000, 2_000), slow_tta_acc_above=0.57,
+    slow_tta_acc_above=0.44,
 )
 
 RECIPES['airbench94_muon'] = sibling(
@@ -96,26 +97,28 @@ RECIPES['airbench94_muon'] = sibling(
      'opt.lr_knots': ((0.0, 1.0), (1.0, 0.0)), 'net.compile_on_cpu': False},
     removed=('opt.lr', 'opt.bias_scaler', 'opt.lookahead_every', 'opt.lookahead_decay',
              'net.scaling_factor'),
-    diff_base='airbench94_compiled', diff_bound=215,
+    diff_base='airbench94_compiled', diff_bound=225,
     logit_scale=1 / 256, optimizer='muon',  # not make_optimizer's SGD, and no Lookahead
-    tiny={},  # nothing is compiled on the CPU unless net.compile_on_cpu is set
-    # Measured as airbench94's (10k/2k images): SLOW_MUON
-    slow_overrides={'opt.batch_size': 500, 'opt.train_epochs': 3.0,
+    tiny={'net.compile_mode': 'default'},  # max-autotune takes minutes, even for tiny networks
+    # Measured as airbench94's: 0.6915 and 0.6850, 41 s and 42 s. (At batch 500 SGD's rates,
+    # PyTorch's on a summed loss, act 4x smaller; Muon's step does not depend on the batch.)
+    slow_overrides={'opt.batch_size': 500, 'opt.train_epochs': 4.0,
                     'net.widths': {'block1': 32, 'block2': 96, 'block3': 96}},
-    slow_images=(10_000, 2_000), slow_tta_acc_above=0.72,
+    slow_tta_acc_above=0.66,
 )
 RECIPES['airbench96_faster'] = sibling(
     RECIPES['airbench96'],
     {'opt.train_epochs': 45.0, 'opt.filter_keep': 0.5, 'opt.proxy_every': 4,
      'net.proxy_widths.block1': 32, 'net.proxy_widths.block2': 64, 'net.proxy_widths.block3': 64,
      'net.compile_backend': 'inductor', 'net.compile_mode': 'max-autotune', 'net.compile_on_cpu': False},
-    diff_base='airbench96', diff_bound=155,
-    tiny={'net.proxy_widths': {'block1': 8, 'block2': 8, 'block3': 8}},
-    # Measured as airbench94's (10k/2k images): SLOW_FASTER
+    diff_base='airbench96', diff_bound=160,
+    tiny={'net.proxy_widths': {'block1': 8, 'block2': 8, 'block3': 8}, 'net.compile_mode': 'default'},
+    # Measured as airbench94's: 0.3325 and 0.3425, 37 s and 32 s. Low, as the network sees half
+    # of each batch: 4 epochs hold 2 epochs' examples. (On 10k/2k images: 0.4885 for seed 0.)
     slow_overrides={'opt.batch_size': 512, 'opt.train_epochs': 4,
                     'net.widths': {'block1': 32, 'block2': 96, 'block3': 128},
                     'net.proxy_widths': {'block1': 16, 'block2': 32, 'block3': 32}},
-    slow_images=(10_000, 2_000), slow_tta_acc_above=0.5,
+    slow_tta_acc_above=0.31,
 )
 
 # Small enough that a CPU step takes milliseconds; the recipe is otherwise unchanged.

@@ -1,6 +1,7 @@
 """airbench96_faster: the proxy network, the data filter and its schedule, compilation."""
 import collections
 import importlib
+import math
 import time
 
 import pytest
@@ -62,8 +63,9 @@ def test_filter_keeps_the_highest_proxy_losses(faster):
 
 def test_proxy_learns_every_4th_batch_inside_the_clock(faster, tiny_data, monkeypatch):
     """Each batch of 32 goes through the filter; the main network trains on the 16 it keeps; the
-    proxy's optimizer steps on batches 0, 4, 8, ...; and the filter's time is training time."""
-    calls, optimizer_steps = [], collections.Counter()
+    proxy's optimizer steps on batches 0, 4, 8, ..., at the rate the schedule gives that batch;
+    and the filter's time is training time."""
+    calls, optimizer_steps, rates = [], collections.Counter(), collections.defaultdict(list)
     real_select = faster.select_hardest
 
     def select_slowly(proxy, proxy_optimizer, inputs, labels, loss_fn, keep, learn):
@@ -73,6 +75,7 @@ def test_proxy_learns_every_4th_batch_inside_the_clock(faster, tiny_data, monkey
 
     def count(optimizer, args, kwargs):
         optimizer_steps[optimizer] += 1
+        rates[optimizer].append(optimizer.param_groups[1]['lr'])  # the group of weights
     monkeypatch.setattr(faster, 'select_hardest', select_slowly)
     hyp = tiny_hyp(faster)
     seen_by_main = []
@@ -95,7 +98,12 @@ def test_proxy_learns_every_4th_batch_inside_the_clock(faster, tiny_data, monkey
     assert steps == TINY_TRAIN_IMAGES // TINY['opt.batch_size'] * TINY['opt.train_epochs']
     assert calls == [(32, step % 4 == 0) for step in range(steps)]
     assert seen_by_main == [16] * steps
-    assert sorted(optimizer_steps.values()) == [steps // 4, steps]  # the proxy's, the network's
+    by_steps = sorted(optimizer_steps.items(), key=lambda item: item[1])
+    (proxy_optimizer, proxy_steps), (_, network_steps) = by_steps
+    assert (proxy_steps, network_steps) == (math.ceil(steps / 4), steps)
+    peak = rates[proxy_optimizer][0] / faster.lr_multiplier(0, hyp['opt']['lr_knots'])
+    assert rates[proxy_optimizer] == pytest.approx(
+        [peak * faster.lr_multiplier(step / steps, hyp['opt']['lr_knots']) for step in range(0, steps, 4)])
     assert result['time_seconds'] > 0.02 * steps
 
 

@@ -52,7 +52,6 @@ def test_muon_step_rescales_then_moves_by_lr_times_the_orthogonalized_direction(
         buffer = 0.6 * buffer + grad
         direction = grad + 0.6 * buffer
         rescaled = before * math.sqrt(8) / before.norm()
-        assert rescaled.norm() == pytest.approx(math.sqrt(8))
         update = muon.newton_schulz(direction.reshape(8, -1), 3).float().view(8, 4, 3, 3)
         assert torch.allclose(weight.detach() - rescaled, -0.24 * update, atol=1e-6)
         assert torch.allclose(optimizer.state[weight]['momentum_buffer'], buffer)
@@ -146,8 +145,10 @@ def test_network_and_newton_schulz_are_compiled_once(muon, tiny_data, graphs_com
         results.append(muon.train(hyp, *tiny_loaders(muon, tiny_data, hyp), device='cpu')[1])
         if seed == 0:
             first_run = len(graphs_compiled) - before
-    # Two network variants and evaluation, and the filters' 4 shapes (24 -> 12, 12 -> 12, 12 -> 20, 20 -> 20).
-    assert first_run >= 3 + 4
+    # Newton-Schulz, the only graph in bfloat16 here: one per filter shape (24 -> 12, 12 -> 12,
+    # 12 -> 20, 20 -> 20). The network: two variants in training, and evaluation.
+    newton_schulz_graphs = [graph for graph in graphs_compiled[before:] if 'bfloat16' in graph.code]
+    assert len(newton_schulz_graphs) == 4 and first_run >= 3 + 4
     assert len(graphs_compiled) - before == first_run
     assert results[0]['train_loss'] != results[1]['train_loss']
 

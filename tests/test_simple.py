@@ -25,7 +25,7 @@ REAL_CIFAR10_MD5 = 'c32a1d4ab5d03f1284b67883e8d87530'
 # The slow test: the recipe at a quarter of the widths for 4 epochs on 10,000 + 2,000 real images,
 # and the test accuracy (%) it must beat. Measured: see test_learns_real_images_on_cpu.
 SLOW_SETTINGS = {'WIDTHS': (3, 16, 32, 32, 32, 64, 128, 128, 128), 'EPOCHS': 4}
-SLOW_TEST_ACC_ABOVE = 44.0
+SLOW_TEST_ACC_ABOVE = 35.5
 
 
 def test_line_budget_and_style():
@@ -213,13 +213,14 @@ def test_import_has_no_side_effects(tmp_path):
 
 @pytest.mark.slow
 def test_learns_real_images_on_cpu(real_data_dir, tmp_path, monkeypatch, capsys):
-    """The recipe with SLOW_SETTINGS on a cache of the first 10,000 training and 2,000 test images.
+    """The recipe with SLOW_SETTINGS on a cache of the first 5,000 training and 2,000 test images.
     Measured 2026-11-21 on the CIFAR-10-JPEG stand-in, two cores, torch 2.13.0+cpu, seeds 0 and 1:
-    52.75% and 48.25% (13.4 s of training per epoch); the bound sits 4 points below the lower,
-    as 4 of the 24 epochs vary this much between seeds. An untrained network scores about 10%."""
+    42.50% and 39.55% (7.5 s of training per epoch); the bound sits 4 points below the lower, as 4
+    of the 24 epochs vary this much between seeds (on 10,000 images: 52.75% and 48.25%). An
+    untrained network scores about 10%."""
     subset = tmp_path / 'subset'
     subset.mkdir()
-    for split, count in (('train', 10_000), ('test', 2_000)):
+    for split, count in (('train', 5_000), ('test', 2_000)):
         data = torch.load(os.path.join(real_data_dir, f'{split}.pt'), weights_only=True)
         torch.save({key: data[key][:count].clone() for key in ('images', 'labels')}, subset / f'{split}.pt')
     for name, value in SLOW_SETTINGS.items():
