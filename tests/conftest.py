@@ -248,3 +248,13 @@ def run_main(recipe, capsys, *argv):
 def assert_one_line(message):
     """What the standards ask of every failure: one line, no traceback."""
     assert message.strip() and message.rstrip('\n').count('\n') == 0 and 'Traceback' not in message
+
+
+def failed_study(recipe, capsys, data_dir, log_dir, *args):
+    """recipe.main on data_dir with args, which must fail before the study starts: one line on
+    stderr and no log. Returns (exit status, stderr)."""
+    status, _, err = run_main(recipe, capsys, '--data-dir', data_dir, '--log-dir', str(log_dir), *args)
+    assert status != 0
+    assert_one_line(err)
+    assert not os.path.exists(os.path.join(log_dir, recipe.__name__))
+    return status, err

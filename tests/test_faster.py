@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from conftest import (RECORDING_BACKEND, TINY, TINY_TRAIN_IMAGES, assert_one_line, run_main, tiny_hyp,
+from conftest import (RECORDING_BACKEND, TINY, TINY_TRAIN_IMAGES, failed_study, run_main, tiny_hyp,
                       tiny_loaders, tiny_set_args)
 
 
@@ -131,7 +131,5 @@ def test_whole_compiled_study_on_tiny_cpu_data(faster, tiny_data, tmp_path, caps
 
 @pytest.mark.parametrize('setting', ['opt.filter_keep=0.0', 'opt.filter_keep=1.5', 'opt.proxy_every=0'])
 def test_bad_filter_settings_fail_in_one_line(faster, tiny_data, tmp_path, capsys, setting):
-    status, _, err = run_main(faster, capsys, '--data-dir', tiny_data, '--log-dir', str(tmp_path),
-                              '--set', setting)
+    status, err = failed_study(faster, capsys, tiny_data, tmp_path, '--set', setting)
     assert status == 1 and 'opt.filter_keep must be in (0, 1] and opt.proxy_every at least 1' in err
-    assert_one_line(err)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from conftest import (RECORDING_BACKEND, TINY, TINY_TRAIN_IMAGES, assert_one_line, run_main, tiny_hyp,
+from conftest import (RECORDING_BACKEND, TINY, TINY_TRAIN_IMAGES, failed_study, run_main, tiny_hyp,
                       tiny_loaders, tiny_set_args)
 
 
@@ -171,7 +171,5 @@ def test_whole_compiled_study_on_tiny_cpu_data(muon, tiny_data, tmp_path, capsys
     ('opt.lr=10.0', "unknown hyp key 'opt.lr'; valid keys: opt.train_epochs, opt.batch_size, opt.muon_lr"),
 ])
 def test_bad_muon_settings_fail_in_one_line(muon, tiny_data, tmp_path, capsys, setting, message):
-    status, _, err = run_main(muon, capsys, '--data-dir', tiny_data, '--log-dir', str(tmp_path),
-                              '--set', setting)
+    status, err = failed_study(muon, capsys, tiny_data, tmp_path, '--set', setting)
     assert status == 1 and message in err
-    assert_one_line(err)
