@@ -1133,5 +1133,22 @@ def fail(message, status=1, rank=None):
     sys.exit(status)
 
 
+def run_as_script():
+    """main() as the program. Under torchrun the process then ends at once with os._exit, its
+    output flushed and its log long written: in ordinary interpreter shutdown, torch.distributed's
+    teardown now and then aborts a rank that has finished (SIGABRT, seen with gloo on a busy
+    machine), and torchrun would report the finished study as failed."""
+    try:
+        main()
+        status = 0
+    except SystemExit as exc:
+        status = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+    if not Ranks().distributed:
+        sys.exit(status)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 if __name__ == '__main__':
-    main()
+    run_as_script()

@@ -117,6 +117,7 @@ def test_a_diverging_run_is_one_clear_line(airbench94, tiny_data, tmp_path, caps
 @pytest.mark.parametrize('name', AIRBENCH_SCRIPTS)
 def test_every_airbench_script_shares_the_distributed_code(airbench94, name):
     recipe = importlib.import_module(name)
-    for function in ('Ranks', 'StudyFailed', 'train_run', 'attempt', 'stop_on_failures', 'fail'):
+    shared = ('Ranks', 'StudyFailed', 'train_run', 'attempt', 'stop_on_failures', 'fail', 'run_as_script')
+    for function in shared:
         ours, base = getattr(recipe, function), getattr(airbench94, function)
         assert inspect.getsource(ours) == inspect.getsource(base), function
