@@ -1,0 +1,561 @@
+"""study.py: many trainings of any recipe, with overrides, seeds, torchrun, crash-safe logs and statistics.
+
+    python study.py airbench95 --runs 50 --set opt.lr=9.5        # a recipe of this folder, by name
+    python study.py ~/work/my_airbench94.py --runs 200 --seed 0  # any file with the recipe contract
+    torchrun --standalone --nproc_per_node=8 study.py airbench94 --runs 1000 --seed 0
+    python compare.py logs/airbench94/<study> logs/airbench95/<study>   # did the change matter?
+
+The recipe contract: a Python file (loaded by path, so an edited copy works in any folder, alone)
+that defines
+    hyp                  the nested dict {'opt': ..., 'aug': ..., 'net': ...}; --set overrides its leaves
+    CifarLoader(data_dir, train, batch_size, aug, device=...)  the data; it fails with UserError
+    train(hyp, train_loader, test_loader, device, run=None, verbose=True) -> (model, result)
+                         one timed training; test_loader None builds the recipe's own; result has at
+                         least tta_val_acc, val_acc (0 to 1) and time_seconds; `run` labels its rows
+    warmup(hyp, train_loader, device, verbose=True)  optional: the untimed warm-up (compilation,
+                         cuDNN autotuning) wherever the recipe needs one; it may use up the loader
+    check_hyp(hyp)       optional: raises UserError for values that would fail or make no sense
+    UserError            optional: an exception whose message is one line that says what to do
+
+What a study does: run i is trained on a fresh training loader after torch.manual_seed(run_seed(seed,
+i)), so a study is the same set of trainings however its runs are spread over processes. Under
+torchrun rank r of K trains runs r, r+K, ... on cuda:LOCAL_RANK (or the CPU); after each round the
+results are gathered over gloo (small Python objects; its timeout is a day, so a download, a compile
+or a slow rank cannot trip it), rank 0 prints the table and writes the one log, and a rank whose run
+fails stops the study with one line naming it. The log, logs/<recipe>/<UTC time>-<id>/, holds
+summary.json (hyp, every run's result and seed, statistics, status, device, torch, data, command)
+and log.pt (the same, the recipe's source and the accuracies as a tensor), rewritten together after
+every run: a stopped study (Ctrl-C, SIGTERM, a full disk, a failing run) keeps every finished run.
+"""
+import argparse
+import ast
+import contextlib
+import copy
+import datetime
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import secrets
+import signal
+import sys
+import tempfile
+import traceback
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+LOG_FORMAT = 'airbench-study/1'
+GATHER_TIMEOUT = datetime.timedelta(hours=24)
+
+
+class StudyError(Exception):
+    """A problem the user can fix; the message says how. It ends the study in one line."""
+
+
+class StudyFailed(StudyError):
+    """A run failed on some rank; every rank knows, and rank 0 alone reports it."""
+
+
+#############################################
+#                 Recipes                   #
+#############################################
+
+def load_recipe(spec):
+    """The recipe module named by `spec`: a path to a .py file, or the name of a recipe beside
+    this file (airbench94). Loaded from its file, under its own name when that name is free."""
+    path = spec if spec.endswith('.py') or os.sep in spec else os.path.join(HERE, f'{spec}.py')
+    if not os.path.isfile(path):
+        known = sorted(f[:-3] for f in os.listdir(HERE) if f.startswith('airbench') and f.endswith('.py'))
+        raise StudyError(f'no recipe {spec!r}: give a recipe file or one of {", ".join(known)}')
+    name = os.path.splitext(os.path.basename(path))[0]
+    module_name = name if name not in sys.modules else f'{name}_{secrets.token_hex(4)}'
+    specification = importlib.util.spec_from_file_location(module_name, os.path.abspath(path))
+    recipe = importlib.util.module_from_spec(specification)
+    sys.modules[module_name] = recipe  # what torch.compile and pickle look modules up in
+    try:
+        specification.loader.exec_module(recipe)
+    except Exception as exc:
+        del sys.modules[module_name]
+        raise StudyError(f'cannot load the recipe {path} ({first_line(exc)})') from exc
+    missing = [attr for attr in ('hyp', 'CifarLoader', 'train') if not hasattr(recipe, attr)]
+    if missing or not isinstance(getattr(recipe, 'hyp', None), dict):
+        raise StudyError(f'{path} is not a recipe: it lacks {", ".join(missing) or "a dict hyp"} '
+                         f'(study.py --help gives the contract)')
+    recipe.recipe_name = name
+    return recipe
+
+
+def user_errors(recipe):
+    """The exceptions that end a study in one line: study.py's, and the recipe's UserError."""
+    own = getattr(recipe, 'UserError', None)
+    return (StudyError, own) if isinstance(own, type) and issubclass(own, Exception) else (StudyError,)
+
+
+def hyp_keys(tree, prefix=''):
+    """Dotted names of every leaf of a nested dict: ['opt.train_epochs', ...]."""
+    keys = []
+    for name, value in tree.items():
+        keys += hyp_keys(value, f'{prefix}{name}.') if isinstance(value, dict) else [prefix + name]
+    return keys
+
+
+def override_hyp(base, overrides):
+    """A deep copy of `base` with `overrides` applied: {'opt.lr': 10.0, 'net.widths.block1': 96}.
+    A dict value sets the entries it names. Unknown keys and values whose type differs from the
+    entry's (an int for a float is fine) raise StudyError."""
+    result = copy.deepcopy(base)
+    pending = list(overrides.items())
+    while pending:
+        key, value = pending.pop(0)
+        *path, leaf = key.split('.')
+        node = result
+        for name in path:
+            node = node.get(name) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node:
+            raise StudyError(f'unknown hyp key {key!r}; valid keys: {", ".join(hyp_keys(base))}')
+        old = node[leaf]
+        if isinstance(old, dict) and isinstance(value, dict):
+            pending += [(f'{key}.{name}', entry) for name, entry in value.items()]
+            continue
+        node[leaf] = float(value) if type(old) is float and type(value) is int else value
+        same_kind = isinstance(old, (list, tuple)) and isinstance(value, (list, tuple))
+        if type(node[leaf]) is not type(old) and not same_kind:
+            raise StudyError(f'{key} must be of type {type(old).__name__} (like {old!r}), not {value!r}')
+    return result
+
+
+def parse_overrides(assignments):
+    """['opt.lr=10', ...] -> {'opt.lr': 10}; values are Python literals, anything else a string."""
+    overrides = {}
+    for assignment in assignments:
+        key, equals, text = assignment.partition('=')
+        if not equals or not key.strip():
+            raise StudyError(f'--set expects KEY=VALUE, e.g. opt.train_epochs=12, not {assignment!r}')
+        try:
+            overrides[key.strip()] = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError):
+            overrides[key.strip()] = text.strip()
+    return overrides
+
+
+#############################################
+#                Statistics                 #
+#############################################
+
+def run_seed(base_seed, run):
+    """The seed of run `run` of a study: a function of (base_seed, run) alone, so a study is the
+    same set of trainings however its runs are ordered or spread over devices."""
+    digest = hashlib.sha256(f'{base_seed}:{run}'.encode()).digest()
+    return int.from_bytes(digest[:8], 'little') >> 1  # 63 bits: what torch.manual_seed accepts
+
+
+def t_two_sided(t, df):
+    """P(|T| <= t) for Student's t with integer df >= 1, by the finite series of Abramowitz and
+    Stegun 26.7.3 (odd df) and 26.7.4 (even df)."""
+    theta = math.atan(t / math.sqrt(df))
+    cos2 = math.cos(theta) ** 2
+    if df % 2:
+        term, series = math.cos(theta), 0.0
+        for j in range(1, (df - 1) // 2 + 1):
+            series, term = series + term, term * cos2 * 2 * j / (2 * j + 1)
+        return 2 / math.pi * (theta + math.sin(theta) * series)
+    term, series = 1.0, 0.0
+    for j in range(df // 2):
+        series, term = series + term, term * cos2 * (2 * j + 1) / (2 * j + 2)
+    return math.sin(theta) * series
+
+
+def t_critical(df, confidence=0.95):
+    """The t with P(|T| <= t) = confidence, by bisection: 2.064 for df=24, 1.960 as df grows."""
+    low, high = 0.0, 1.0
+    while t_two_sided(high, df) < confidence:
+        low, high = high, 2 * high
+    for _ in range(60):
+        middle = (low + high) / 2
+        low, high = (middle, high) if t_two_sided(middle, df) < confidence else (low, middle)
+    return high
+
+
+def summarize(results):
+    """Study statistics of the TTA accuracy: n, mean, std, the 95% confidence interval of the mean
+    (Student's t), and the mean time. std and the interval need two runs; with one they are None."""
+    accs = [r['tta_val_acc'] for r in results]
+    n = len(accs)
+    stats = {'n': n, 'mean': None, 'std': None, 'ci95': None, 'mean_time_seconds': None,
+             'mean_val_acc': None}
+    if n:
+        stats['mean'] = sum(accs) / n
+        stats['mean_time_seconds'] = sum(r['time_seconds'] for r in results) / n
+        stats['mean_val_acc'] = sum(r['val_acc'] for r in results) / n
+    if n >= 2:
+        stats['std'] = math.sqrt(sum((a - stats['mean']) ** 2 for a in accs) / (n - 1))
+        half_width = t_critical(n - 1) * stats['std'] / math.sqrt(n)
+        stats['ci95'] = [stats['mean'] - half_width, stats['mean'] + half_width]
+    return stats
+
+
+def format_summary(name, stats):
+    def pct(x):
+        return f'{100 * x:.2f}%'
+    line = f'{name}: {stats["n"]} run{"s" if stats["n"] != 1 else ""}, mean TTA accuracy {pct(stats["mean"])}'
+    if stats['std'] is not None:
+        low, high = stats['ci95']
+        line += f' (std {100 * stats["std"]:.2f}, 95% CI {pct(low)} to {pct(high)})'
+    return line + f', without TTA {pct(stats["mean_val_acc"])}, mean time {stats["mean_time_seconds"]:.3f} s'
+
+
+#############################################
+#                   Logs                    #
+#############################################
+
+def atomic_write(writers):
+    """{path: write(file)}: all files are written to temporaries first and renamed into place only
+    when every one is complete, so the set on disk is always one complete write."""
+    temporaries = {}
+    try:
+        for path, write in writers.items():
+            fd, temporaries[path] = tempfile.mkstemp(dir=os.path.dirname(path), suffix='.tmp')
+            with os.fdopen(fd, 'wb') as file:
+                write(file)
+        for path, temporary in temporaries.items():
+            os.replace(temporary, path)
+    finally:
+        for temporary in temporaries.values():
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(temporary)
+
+
+class StudyLog:
+    """logs/<recipe>/<UTC time>-<8 hex>/: log.pt (the recipe's source, the accuracies as a tensor,
+    the summary) and summary.json (the summary: info, statistics, every run's result)."""
+
+    def __init__(self, log_root, recipe, info):
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%dT%H-%M-%SZ')
+        self.dir = os.path.join(log_root, recipe.recipe_name, f'{stamp}-{secrets.token_hex(4)}')
+        try:
+            os.makedirs(self.dir)
+        except OSError as exc:
+            raise StudyError(f'cannot create the log folder {self.dir} ({first_line(exc)}); '
+                             f'give a writable --log-dir') from None
+        with open(recipe.__file__, encoding='utf-8') as file:
+            self.source = file.read()
+        self.results = []
+        self.info = {'format': LOG_FORMAT, 'script': recipe.recipe_name + '.py', 'status': 'running',
+                     'recipe_path': os.path.abspath(recipe.__file__), 'started': stamp,
+                     'source_sha256': hashlib.sha256(self.source.encode()).hexdigest(), **info}
+        self.write()
+
+    def add(self, result):
+        self.results.append(result)
+        self.write()
+
+    def close(self, status):
+        """Marks the log; a failure to write is left for the caller's message, not raised."""
+        self.info['status'] = status
+        with contextlib.suppress(StudyError):
+            self.write()
+
+    def summary(self):
+        return {**self.info, **summarize(self.results), 'runs': self.results}
+
+    def write(self):
+        summary = self.summary()
+        text = json.dumps(summary, indent=2) + '\n'
+        accs = torch.tensor([r['tta_val_acc'] for r in self.results], dtype=torch.float64)
+        log = {**summary, 'code': self.source, 'accs': accs}
+        try:
+            atomic_write({os.path.join(self.dir, 'summary.json'): lambda file: file.write(text.encode()),
+                          os.path.join(self.dir, 'log.pt'): lambda file: torch.save(log, file)})
+        except OSError as exc:  # a full disk: both files keep their last complete write
+            raise StudyError(f'cannot write the log in {self.dir} ({first_line(exc)}); it keeps '
+                             f'{len(self.results) - 1} run(s) from its last complete write') from None
+
+
+def data_fingerprint(train_loader, test_loader):
+    """Enough to tell two data sets apart (CIFAR-10 from its JPEG stand-in, a subset)."""
+    return {'dir': os.path.abspath(train_loader.data_dir), 'train_images': len(train_loader.images),
+            'test_images': len(test_loader.images), 'train_pixel_sum': int(train_loader.images.sum(dtype=torch.int64)),
+            'test_pixel_sum': int(test_loader.images.sum(dtype=torch.int64))}
+
+
+#############################################
+#            Processes and devices          #
+#############################################
+
+def resolve_device(name):
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise StudyError(f'unknown device {name!r}; use cpu, cuda or cuda:N') from None
+    if device.type not in ('cpu', 'cuda'):
+        raise StudyError(f'device {name!r} is not supported; use cpu, cuda or cuda:N')
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise StudyError(f'--device {name} asks for CUDA, but this torch {torch.__version__} sees no '
+                         f'CUDA GPU; run with --device cpu, or install a CUDA build of torch')
+    if device.type == 'cuda' and (device.index or 0) >= torch.cuda.device_count():
+        raise StudyError(f'--device {name}: there are only {torch.cuda.device_count()} CUDA devices')
+    return device
+
+
+def device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == 'cuda' else f'cpu ({torch.get_num_threads()} threads)'
+
+
+class Ranks:
+    """The processes of one study. Without torchrun there is one, and torch.distributed is never
+    touched. Under torchrun (which sets RANK, WORLD_SIZE and LOCAL_RANK) there is one per rank,
+    and gather() brings every rank's small Python object to every rank, over gloo whatever the
+    device: the study moves no tensors between ranks, and gloo's timeout is ours to set."""
+
+    def __init__(self, environ=os.environ):
+        self.distributed = 'RANK' in environ and 'WORLD_SIZE' in environ
+        self.rank, self.size = int(environ.get('RANK', 0)), int(environ.get('WORLD_SIZE', 1))
+        self.local_rank = int(environ.get('LOCAL_RANK', 0))
+
+    def device(self, name):
+        """As asked without torchrun; under it, cuda:LOCAL_RANK, or the CPU with --device cpu."""
+        if not self.distributed:
+            return resolve_device(name or ('cuda' if torch.cuda.is_available() else 'cpu'))
+        if name not in (None, 'cuda', 'cpu'):
+            raise StudyError(f'under torchrun each rank trains on cuda:LOCAL_RANK (--device cuda, the '
+                             f'default) or on the CPU (--device cpu), not on --device {name}')
+        if name != 'cpu' and not torch.cuda.is_available():
+            raise StudyError(f'under torchrun each rank trains on cuda:LOCAL_RANK, but this torch '
+                             f'{torch.__version__} sees no CUDA GPU; add --device cpu')
+        return resolve_device('cpu' if name == 'cpu' else f'cuda:{self.local_rank}')
+
+    def connect(self, device):
+        if self.distributed:
+            if device.type == 'cuda':
+                torch.cuda.set_device(device)
+            torch.distributed.init_process_group('gloo', timeout=GATHER_TIMEOUT)
+
+    def gather(self, value):
+        """Every rank's value, in rank order; [value] without torchrun."""
+        if not self.distributed:
+            return [value]
+        values = [None] * self.size
+        torch.distributed.all_gather_object(values, value)
+        return values
+
+    def close(self):
+        if self.distributed and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def attempt(ranks, errors, what, work):
+    """work()'s value. Under torchrun a failure is returned instead, as {'error': ...} naming the
+    rank and `what`: the other ranks must hear of it rather than wait for this rank forever.
+    Without torchrun it is raised as it is."""
+    try:
+        return work()
+    except Exception as exc:
+        if not ranks.distributed:
+            raise
+        if not isinstance(exc, errors):
+            traceback.print_exc()  # a bug or e.g. out of memory: the traceback matters
+        return {'error': f'rank {ranks.rank} failed in {what}: '
+                         f'{exc if isinstance(exc, errors) else first_line(exc)}'}
+
+
+def stop_on_failures(outcomes):
+    """Raises StudyFailed, on every rank alike, when any rank's outcome is a failure."""
+    errors = [outcome['error'] for outcome in outcomes if outcome is not None and 'error' in outcome]
+    if errors:
+        raise StudyFailed('; '.join(errors))
+
+
+#############################################
+#                 The study                 #
+#############################################
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog='study.py', formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__.split('\n\nThe recipe contract')[0],
+        epilog=__doc__[__doc__.index('The recipe contract'):] + keys_epilog(argv))
+    parser.error = lambda message: parser.exit(2, f'study.py: error: {message} (see --help)\n')
+    parser.add_argument('recipe', help='a recipe name (airbench94, airbench95, ...) or the path of a recipe file')
+    parser.add_argument('--runs', type=int, default=25, help='timed trainings in the study (default: %(default)s)')
+    parser.add_argument('--data-dir', default=None,
+                        help='folder of the CIFAR-10 cache, which must exist unless it is the default; '
+                             'CIFAR-10 is downloaded into it when missing (default: $CIFAR10_DIR, else ./cifar10)')
+    parser.add_argument('--device', default=None,
+                        help='cpu, cuda or cuda:N (default: cuda when available). The CPU trains in fp32, '
+                             'hundreds of times slower')
+    parser.add_argument('--log-dir', default='logs', help='where the study log folder is created (default: %(default)s)')
+    parser.add_argument('--seed', type=int, default=None,
+                        help='base seed; run i is seeded from (SEED, i), so a study can be repeated '
+                             '(default: a random one, printed and logged)')
+    parser.add_argument('--no-warmup', action='store_true',
+                        help="skip the recipe's untimed warm-up (on CUDA, and wherever a recipe compiles); "
+                             'the first run then pays for autotuning or compilation')
+    parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                        help="override a leaf of the recipe's hyp, e.g. --set opt.train_epochs=12 --set "
+                             "net.widths.block1=96; the value is a Python literal; repeatable")
+    args = parser.parse_args(argv)
+    if args.runs < 1:
+        parser.error(f'--runs must be at least 1, not {args.runs}')
+    return args
+
+
+def keys_epilog(argv):
+    """With a recipe before --help, the hyp keys that --set accepts for it."""
+    positional = [arg for arg in argv if not arg.startswith('-')]
+    if not ({'-h', '--help'} & set(argv)) or not positional:
+        return ''
+    with contextlib.suppress(StudyError):
+        recipe = load_recipe(positional[0])
+        return f'\n\n--set keys of {recipe.recipe_name}: {", ".join(hyp_keys(recipe.hyp))}\n'
+    return ''
+
+
+def run_study(args, argv, ranks, state):
+    """The study itself; `state` keeps the recipe's errors and the log for main's handlers."""
+    recipe = load_recipe(args.recipe)
+    state['errors'], state['name'] = user_errors(recipe), recipe.recipe_name
+    name = recipe.recipe_name
+    study_hyp = override_hyp(recipe.hyp, parse_overrides(args.set))
+    if hasattr(recipe, 'check_hyp'):
+        recipe.check_hyp(study_hyp)
+    data_dir = args.data_dir or os.environ.get('CIFAR10_DIR') or 'cifar10'
+    if os.path.isfile(data_dir) or (not os.path.isdir(data_dir) and data_dir != 'cifar10'):
+        raise StudyError(f'--data-dir {data_dir} is not a folder; correct it, or create it to download '
+                         f'CIFAR-10 into it')
+    device = ranks.device(args.device)
+
+    def train_loader():
+        return recipe.CifarLoader(data_dir, True, study_hyp['opt']['batch_size'], study_hyp['aug'], device=device)
+
+    ranks.connect(device)
+    if ranks.local_rank > 0:
+        ranks.gather(None)  # wait for local rank 0 to load the data, building the cache if need be
+    loaders = attempt(ranks, state['errors'], 'loading the data',
+                      lambda: (train_loader(), recipe.CifarLoader(data_dir, False, device=device)))
+    if ranks.local_rank == 0:
+        ranks.gather(None)
+    stop_on_failures(ranks.gather(loaders if isinstance(loaders, dict) else None))
+    base_seed = ranks.gather(secrets.randbits(32) if args.seed is None else args.seed)[0]
+    device_names = ranks.gather(device_name(device))
+    own_runs = range(ranks.rank, args.runs, ranks.size)
+    if ranks.rank == 0:
+        state['log'] = log = StudyLog(args.log_dir, recipe, {
+            'command': ' '.join(['study.py'] + argv), 'argv': argv, 'hyp': study_hyp, 'seed': base_seed,
+            'device': str(device), 'device_name': device_names[0], 'torch': str(torch.__version__),
+            'python': sys.version.split()[0], 'world_size': ranks.size, 'device_names': device_names,
+            'data': data_fingerprint(*loaders)})
+        where = device_names[0] if ranks.size == 1 else f'{ranks.size} ranks ({", ".join(device_names)})'
+        print(f'{name}: study of {args.runs} run(s) on {where}, torch {torch.__version__}, '
+              f'seed {base_seed}, log {log.dir}', flush=True)
+    if not own_runs:
+        print(f'{name}: rank {ranks.rank} is idle: {args.runs} run(s) for {ranks.size} ranks', flush=True)
+    warmup = None
+    if hasattr(recipe, 'warmup') and not args.no_warmup and own_runs:
+        warmup = attempt(ranks, state['errors'], 'its warm-up',
+                         lambda: {'warmed_up': recipe.warmup(study_hyp, loaders[0], device, verbose=ranks.rank == 0)})
+    stop_on_failures(ranks.gather(warmup))
+    train_loader_of_run = loaders[0] if getattr(loaders[0], 'epoch', 1) == 0 else None  # unused by a warm-up
+    for first_run in range(0, args.runs, ranks.size):  # a round: one run on each rank
+        run, outcome = first_run + ranks.rank, None
+        if run < args.runs:
+            outcome = attempt(ranks, state['errors'], f'run {run}',
+                              lambda: train_run(recipe, study_hyp, base_seed, run, train_loader_of_run
+                                                or train_loader(), device, ranks))
+            train_loader_of_run = None  # each run gets a loader of its own: fresh flips and epochs
+        outcomes = ranks.gather(outcome)
+        for rank, finished in enumerate(outcomes):
+            if ranks.rank == 0 and finished is not None and 'error' not in finished:
+                state['log'].add(finished)
+                if rank > 0:
+                    print(f'{name}: run {finished["run"]} (rank {rank}): TTA accuracy '
+                          f'{finished["tta_val_acc"]:.4f} in {finished["time_seconds"]:.3f} s', flush=True)
+        stop_on_failures(outcomes)
+    if ranks.rank == 0:
+        log.close('complete')
+        print(format_summary(name, log.summary()))
+        print(f'{name}: log written to {log.dir}')
+
+
+def train_run(recipe, study_hyp, base_seed, run, train_loader, device, ranks):
+    """Run `run` of the study, seeded from (base_seed, run): its entry in the log."""
+    seed = run_seed(base_seed, run)
+    torch.manual_seed(seed)
+    _, result = recipe.train(study_hyp, train_loader, None, device, run=run, verbose=ranks.rank == 0)
+    return {'run': run, 'seed': seed, **result, **({'rank': ranks.rank} if ranks.distributed else {})}
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    ranks = Ranks()
+    state = {'errors': (StudyError,), 'log': None, 'name': 'study.py'}
+    previous_handler = signal.signal(signal.SIGTERM, stop)  # torchrun, schedulers, timeout, kill
+    try:
+        run_study(args, argv, ranks, state)
+    except KeyboardInterrupt as exc:
+        log, signal_name = state['log'], str(exc) or 'SIGINT'
+        status = 128 + signal.Signals[signal_name]
+        if ranks.rank > 0:
+            fail(f'interrupted ({signal_name}); rank 0 keeps the log', ranks, status)
+        if log is None:
+            fail(f'interrupted ({signal_name}) before the study started; nothing was logged', ranks, status)
+        log.close('interrupted')
+        fail(f'interrupted ({signal_name}); {len(log.results)} finished run(s) kept in {log.dir}', ranks, status)
+    except Exception as exc:
+        log = state['log']
+        kept = '' if log is None else f'; {len(log.results)} finished run(s) kept in {log.dir}'
+        if log is not None:
+            log.close('failed')
+        if not isinstance(exc, state['errors']):  # a bug or e.g. out of memory: the traceback matters
+            if kept:
+                print(f'study.py: {kept[2:]}', file=sys.stderr)
+            raise
+        if isinstance(exc, StudyFailed):  # every rank is here: rank 0 reports, then all leave
+            if ranks.rank == 0:
+                print(f'study.py: error: {exc}{kept}', file=sys.stderr, flush=True)
+            ranks.gather(None)  # were another rank to exit first, torchrun would stop rank 0
+            sys.exit(1)
+        fail(f'error: {exc}{kept}', ranks)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+        ranks.close()
+
+
+def stop(signum, frame):
+    """SIGTERM ends a study as Ctrl-C does: the log is marked and keeps every finished run."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def fail(message, ranks, status=1):
+    """One line on stderr, no traceback. Under torchrun the line names the rank it comes from."""
+    where = f'rank {ranks.rank}: ' if ranks.distributed else ''
+    print(f'study.py: {where}{message}', file=sys.stderr, flush=True)
+    sys.exit(status)
+
+
+def first_line(exc):
+    text = str(exc).strip().splitlines()
+    return f'{type(exc).__name__}: {text[0]}' if text else type(exc).__name__
+
+
+def run_as_script():
+    """main() as the program. Under torchrun the process then ends at once with os._exit, its
+    output flushed and its log long written: in ordinary interpreter shutdown, torch.distributed's
+    teardown now and then aborts a rank that has finished (SIGABRT, seen with gloo on a busy
+    machine), and torchrun would report the finished study as failed."""
+    try:
+        main()
+        status = 0
+    except SystemExit as exc:
+        status = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+    if not Ranks().distributed:
+        sys.exit(status)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+if __name__ == '__main__':
+    run_as_script()
