@@ -24,8 +24,8 @@ Method (paper, sections 3.1-3.6; the numbers are in `hyp`)
     - Alternating flip and reflect-padded translation, on the GPU; 6-view test-time augmentation.
 
 Usage
-    python airbench94.py [--runs N] [--data-dir DIR] [--device DEV]: a record attempt. Studies with
-    overrides, seeds and many GPUs: python study.py airbench94 --help. Library: README.md.
+    Run this file for a record attempt (--help: its few options); study.py runs studies of it with
+    overrides, seeds and many GPUs; README.md shows library use and the measured results.
 """
 
 import argparse, contextlib, datetime, hashlib, io, json, math, os, signal, sys, tarfile, tempfile, time
@@ -599,15 +599,15 @@ def train(hyp=hyp, train_loader=None, test_loader=None, device=None, run=None, v
 
 
 def warmup(hyp=hyp, train_loader=None, device=None, verbose=True):
-    """The untimed warm-up before timed runs (paper, section 2): on CUDA one training on random
-    labels, which settles cuDNN's autotuning and the GPU's clocks; none on the CPU. It replaces
-    train_loader's labels. Returns whether it trained."""
+    """The untimed warm-up before timed runs (paper, section 2): one training on random labels,
+    which settles cuDNN's autotuning and the GPU's clocks; on CUDA only. It replaces the labels of
+    train_loader. Returns whether it trained."""
     if torch.device(device or train_loader.device).type != 'cuda':
         return False
     if verbose:
         print('warm-up run on random labels, not part of the study')
     train_loader.labels = torch.randint_like(train_loader.labels, len(CIFAR10_CLASSES))
-    train(hyp, train_loader, None, device, run='warm-up', verbose=verbose)
+    train(hyp, train_loader, None, device, 'warm-up', verbose)
     return True
 
 

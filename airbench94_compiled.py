@@ -25,28 +25,12 @@ Method (paper, sections 3.1-3.6; the numbers are in `hyp`)
     - Alternating flip and reflect-padded translation, on the GPU; 6-view test-time augmentation.
 
 Usage
-    Run with --help for the options; README.md shows studies, library use and measured results.
+    Run this file for a record attempt (--help: its few options); study.py runs studies of it with
+    overrides, seeds and many GPUs; README.md shows library use and the measured results.
 """
 
-import argparse
-import ast
-import copy
-import datetime
-import hashlib
-import http.client
-import json
-import math
-import os
-import secrets
-import shutil
-import signal
-import sys
-import tarfile
-import tempfile
-import time
-import traceback
+import argparse, contextlib, copy, datetime, hashlib, io, json, math, os, signal, sys, tarfile, tempfile, time
 import urllib.request
-import zlib
 from collections import OrderedDict
 
 import torch
@@ -105,25 +89,14 @@ class UserError(Exception):
 
 CIFAR10_URL = 'https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz'
 CIFAR10_MD5 = 'c32a1d4ab5d03f1284b67883e8d87530'
-CIFAR10_TARBALL = 'cifar-10-binary.tar.gz'
-CIFAR10_CLASSES = ['airplane', 'automobile', 'bird', 'cat', 'deer',
-                   'dog', 'frog', 'horse', 'ship', 'truck']
+CIFAR10_CLASSES = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)  # per channel, of the training images scaled to [0, 1]
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-# A binary record: one label byte, then the 32x32 red, green and blue planes, each row-major.
-RECORD_BYTES = 1 + 3 * 32 * 32
-TARBALL_MEMBERS = {
-    'train': [f'cifar-10-batches-bin/data_batch_{i}.bin' for i in range(1, 6)],
-    'test': ['cifar-10-batches-bin/test_batch.bin'],
-}
+RECORD_BYTES = 1 + 3 * 32 * 32  # a label byte, then the red, green and blue 32x32 planes, row-major
 
 
 def default_data_dir():
     return os.environ.get('CIFAR10_DIR') or 'cifar10'
-
-
-def default_device():
-    return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
 
 
 def precision_for(device):
@@ -140,120 +113,99 @@ def load_cifar10(data_dir=None, train=True):
     it is built from cifar-10-binary.tar.gz in data_dir, which is downloaded first if absent."""
     data_dir = data_dir or default_data_dir()
     path = os.path.join(data_dir, 'train.pt' if train else 'test.pt')
-    if not os.path.exists(path):
+    if os.path.isfile(data_dir):
+        raise UserError(f'the data folder {data_dir} is a file; give the folder of the CIFAR-10 cache')
+    try:
+        os.stat(path)
+    except FileNotFoundError:
         build_cache(data_dir)
-    return read_cache(path)
-
-
-def read_cache(path):
-    remedy = f'delete {path} and run again to rebuild it'
+    except OSError as exc:  # no permission to look into the folder: not a reason to download
+        raise UserError(f'cannot read {path} ({first_line(exc)}); check the permissions of {data_dir}') from None
     try:
         data = torch.load(path, map_location='cpu', weights_only=True)
     except OSError as exc:  # permissions, a disk error: the file itself may be fine
         raise UserError(f'cannot read the CIFAR-10 cache {path} ({first_line(exc)})') from None
     except Exception as exc:  # a truncated zip, a pickle of the wrong kind: the content is damaged
-        raise UserError(f'cannot load the CIFAR-10 cache {path} ({first_line(exc)}); {remedy}') from None
-    images = data.get('images') if isinstance(data, dict) else None
-    labels = data.get('labels') if isinstance(data, dict) else None
-    if not (isinstance(images, torch.Tensor) and images.dtype == torch.uint8
-            and images.dim() == 4 and images.shape[1:] == (32, 32, 3)
-            and isinstance(labels, torch.Tensor) and labels.dtype == torch.int64
-            and labels.shape == (len(images),) and len(labels) > 0
+        data = first_line(exc)
+    images, labels = (data.get(key) if isinstance(data, dict) else None for key in ('images', 'labels'))
+    if not (isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.dim() == 4
+            and images.shape[1:] == (32, 32, 3) and isinstance(labels, torch.Tensor)
+            and labels.dtype == torch.int64 and labels.shape == (len(images),) and len(labels) > 0
             and 0 <= labels.min() and labels.max() < len(CIFAR10_CLASSES)):
-        raise UserError(f'{path} is not a CIFAR-10 cache (a dict of uint8 images N x 32 x 32 x 3 '
-                        f'and int64 labels 0-9); {remedy}')
+        problem = data if isinstance(data, str) else 'not uint8 images N x 32 x 32 x 3 with int64 labels 0-9'
+        raise UserError(f'{path} is not a CIFAR-10 cache ({problem}); delete it and run again to rebuild it')
     return {'images': images, 'labels': labels, 'classes': data.get('classes', CIFAR10_CLASSES)}
 
 
 def build_cache(data_dir):
-    """Writes train.pt and test.pt from the binary tarball, downloading it when it is not there."""
+    """Writes train.pt and test.pt from the binary tarball, downloading it when it is not there.
+    Only the known members are read, as bytes: nothing is unpickled or extracted to disk."""
     os.makedirs(data_dir, exist_ok=True)
-    tarball = os.path.join(data_dir, CIFAR10_TARBALL)
+    tarball = os.path.join(data_dir, os.path.basename(CIFAR10_URL))
     if not os.path.exists(tarball):
-        download(CIFAR10_URL, tarball)
-    actual_md5 = md5_of(tarball)
-    if actual_md5 != CIFAR10_MD5:
-        os.remove(tarball)
-        raise UserError(f'{tarball} has md5 {actual_md5}, not {CIFAR10_MD5}: it is damaged or not '
-                        f'CIFAR-10, so it was removed; run again to download it afresh')
-    for split, data in parse_cifar10_tarball(tarball).items():
-        atomic_write(os.path.join(data_dir, f'{split}.pt'),
-                     lambda file, data=data: torch.save(data, file))
-
-
-def download(url, path):
-    print(f'downloading {url} to {path}', file=sys.stderr)
+        print(f'downloading {CIFAR10_URL} to {tarball}', file=sys.stderr)
+        try:
+            with urllib.request.urlopen(CIFAR10_URL, timeout=60) as response:
+                atomic_write({tarball: lambda file: file.write(response.read())})
+        except (OSError, ValueError) as exc:  # URLError, timeouts, refused connections: OSError
+            raise UserError(f'cannot download {CIFAR10_URL} ({first_line(exc)}); download it by hand '
+                            f'and put it in {os.path.abspath(data_dir)}/') from None
     try:
-        with urllib.request.urlopen(url, timeout=60) as response:
-            atomic_write(path, lambda file: shutil.copyfileobj(response, file, 1 << 20))
-    except (OSError, ValueError, http.client.HTTPException) as exc:  # URLError, timeouts: OSError
-        raise UserError(f'cannot download {url} ({first_line(exc)}); download {CIFAR10_TARBALL} by '
-                        f'hand and put it in {os.path.abspath(os.path.dirname(path))}/') from None
-
-
-def md5_of(path):
-    digest = hashlib.md5()
-    with open(path, 'rb') as file:
-        for chunk in iter(lambda: file.read(1 << 20), b''):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def parse_cifar10_tarball(path):
-    """{'train': data, 'test': data} from the fixed-size records of the binary tarball. Only the
-    known members are read, and as bytes: nothing is unpickled or extracted to disk."""
+        with open(tarball, 'rb') as file:
+            raw = file.read()
+    except OSError as exc:  # e.g. removed by another process that found it damaged
+        raise UserError(f'cannot read {tarball} ({first_line(exc)}); run again') from None
+    if hashlib.md5(raw).hexdigest() != CIFAR10_MD5:
+        with contextlib.suppress(FileNotFoundError):  # another process may have removed it first
+            os.remove(tarball)
+        raise UserError(f'{tarball} has md5 {hashlib.md5(raw).hexdigest()}, not {CIFAR10_MD5}: it is '
+                        f'damaged or not CIFAR-10, so it was removed; run again to download it afresh')
+    members = {'train': [f'data_batch_{i}.bin' for i in range(1, 6)], 'test': ['test_batch.bin']}
     try:
-        with tarfile.open(path, 'r:gz') as tar:
-            return {split: parse_records(b''.join(read_member(tar, name) for name in names))
-                    for split, names in TARBALL_MEMBERS.items()}
-    except (tarfile.TarError, KeyError, OSError, EOFError, zlib.error) as exc:
-        raise UserError(f'{path} is not a readable CIFAR-10 binary tarball ({first_line(exc)}); '
+        with tarfile.open(fileobj=io.BytesIO(raw), mode='r:gz') as tar:
+            splits = {split: parse_records(b''.join(tar.extractfile(f'cifar-10-batches-bin/{name}').read()
+                                                    for name in names)) for split, names in members.items()}
+    except (tarfile.TarError, KeyError, AttributeError, OSError, EOFError, ValueError) as exc:
+        raise UserError(f'{tarball} is not a readable CIFAR-10 binary tarball ({first_line(exc)}); '
                         f'delete it and run again') from None
-
-
-def read_member(tar, name):
-    member = tar.extractfile(name)  # KeyError when absent, None when not a regular file
-    if member is None:
-        raise tarfile.TarError(f'{name} is not a regular file')
-    return member.read()
+    atomic_write({os.path.join(data_dir, f'{split}.pt'): lambda file, data=data: torch.save(data, file)
+                  for split, data in splits.items()})
 
 
 def parse_records(raw):
     if not raw or len(raw) % RECORD_BYTES:
-        raise tarfile.TarError(f'{len(raw)} bytes are not whole {RECORD_BYTES}-byte records')
+        raise ValueError(f'{len(raw)} bytes are not whole {RECORD_BYTES}-byte records')
     records = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(-1, RECORD_BYTES)
-    labels = records[:, 0].long()
-    if labels.max() >= len(CIFAR10_CLASSES):
-        raise tarfile.TarError(f'label {labels.max().item()} is not a CIFAR-10 class')
+    if records[:, 0].max() >= len(CIFAR10_CLASSES):
+        raise ValueError(f'label {records[:, 0].max().item()} is not a CIFAR-10 class')
     images = records[:, 1:].view(-1, 3, 32, 32).permute(0, 2, 3, 1).contiguous()
-    return {'images': images, 'labels': labels, 'classes': CIFAR10_CLASSES}
+    return {'images': images, 'labels': records[:, 0].long(), 'classes': CIFAR10_CLASSES}
 
 
-def atomic_write(path, write):
-    """Calls write(file) on a temporary file beside `path`, then renames it over `path`, so that
-    readers (and interrupted runs) never leave a half-written file behind."""
-    directory = os.path.dirname(path) or '.'
-    fd, temporary = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + '.', suffix='.tmp')
+def atomic_write(writers):
+    """{path: write(file)}: each file is written to a temporary beside it, and only when all are
+    complete are they renamed into place, so an interruption or a full disk leaves the old set of
+    files, never half a file or a mix of old and new."""
+    temporaries = {}
     umask = os.umask(0)
     os.umask(umask)
     try:
-        with os.fdopen(fd, 'wb') as file:
-            write(file)
-        os.chmod(temporary, 0o666 & ~umask)  # mkstemp's 0600 would hide a shared cache from others
-        os.replace(temporary, path)
+        for path, write in writers.items():
+            fd, temporaries[path] = tempfile.mkstemp(dir=os.path.dirname(path) or '.', suffix='.tmp')
+            with os.fdopen(fd, 'wb') as file:
+                write(file)
+            os.chmod(temporaries[path], 0o666 & ~umask)  # mkstemp's 0600 would hide a shared cache
+        for path, temporary in temporaries.items():
+            os.replace(temporary, path)
     finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+        for temporary in temporaries.values():
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(temporary)
 
 
 def first_line(exc):
     text = str(exc).strip().splitlines()
     return f'{type(exc).__name__}: {text[0]}' if text else type(exc).__name__
-
-
-def batch_flip_lr(images, flip_mask):
-    """Mirrors left-right the images (N x C x H x W) whose entry in the boolean flip_mask is set."""
-    return torch.where(flip_mask.view(-1, 1, 1, 1), images.flip(-1), images)
 
 
 def random_corners(images, size):
@@ -265,16 +217,17 @@ def random_corners(images, size):
     return top, left
 
 
-def batch_crop(padded, size):
-    """A random size x size window of each image. Of images padded by r pixels on every side, this
-    is a random translation by up to r pixels in each direction."""
+def batch_crop_flip(padded, size, flip):
+    """A random size x size window of each image, mirrored left-right where the boolean `flip` is
+    set, in one gather over (image, row, col). Of images padded by r pixels on every side, the
+    window is a random translation by up to r pixels in each direction."""
     n = len(padded)
     top, left = random_corners(padded, size)
     offsets = torch.arange(size, device=padded.device)
-    rows, cols = top + offsets.view(1, size, 1), left + offsets.view(1, 1, size)
+    rows = top + offsets.view(1, size, 1)
+    cols = left + torch.where(flip.view(n, 1, 1), offsets.flip(0), offsets).view(n, 1, size)
     index = torch.arange(n, device=padded.device).view(n, 1, 1)
-    # One gather over (image, row, col) picks every window at once; channels ride along.
-    return padded.permute(0, 2, 3, 1)[index, rows, cols].permute(0, 3, 1, 2)
+    return padded.permute(0, 2, 3, 1)[index, rows, cols].permute(0, 3, 1, 2)  # channels ride along
 
 
 def batch_cutout(images, size):
@@ -296,31 +249,22 @@ class CifarLoader:
     'cutout': side of the square zeroed at a random place in each image, after translation and flip}.
     """
 
-    AUGMENTATIONS = ('flip', 'translate', 'cutout')
-
     def __init__(self, data_dir=None, train=True, batch_size=500, aug=None, drop_last=None,
                  shuffle=None, device=None):
-        unknown = sorted(set(aug or {}) - set(self.AUGMENTATIONS))
+        unknown = sorted(set(aug or {}) - {'flip', 'translate', 'cutout'})
         if unknown:
-            raise UserError(f'unknown augmentation {", ".join(unknown)}; '
-                            f'known: {", ".join(self.AUGMENTATIONS)}')
+            raise UserError(f'unknown augmentation {", ".join(unknown)}; known: flip, translate, cutout')
         self.data_dir = data_dir or default_data_dir()
         data = load_cifar10(self.data_dir, train)
-        self.device = torch.device(device) if device is not None else default_device()
-        self.images = data['images'].to(self.device)
-        self.labels = data['labels'].to(self.device)
-        self.classes = data['classes']
-        self.aug = dict(aug or {})
-        self.batch_size = batch_size
+        self.device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+        self.images, self.labels = data['images'].to(self.device), data['labels'].to(self.device)
+        self.classes, self.aug, self.batch_size = data['classes'], dict(aug or {}), batch_size
         self.drop_last = train if drop_last is None else drop_last
         self.shuffle = train if shuffle is None else shuffle
-        self.epoch = 0
-        self._prepared_for = None  # the (images, translate) that the cached tensors belong to
+        self.epoch, self.prepared_for = 0, None
 
     def __len__(self):
-        if self.drop_last:
-            return len(self.images) // self.batch_size
-        return math.ceil(len(self.images) / self.batch_size)
+        return len(self.images) // self.batch_size if self.drop_last else math.ceil(len(self.images) / self.batch_size)
 
     def normalize(self, images):
         """uint8 N x H x W x C -> standardized N x C x H x W in the device's precision."""
@@ -330,29 +274,24 @@ class CifarLoader:
         standardized = ((images.float() - mean) / std).permute(0, 3, 1, 2)
         return standardized.to(dtype).contiguous(memory_format=memory_format)
 
-    def _prepare(self):
-        # Normalizing and padding once per dataset, not per epoch, keeps the epoch's work to one
-        # crop and one flip. The flip parity is drawn here: it decides the first epoch's flips.
-        pad = self.aug.get('translate', 0)
-        normalized = self.normalize(self.images)
-        self._source = F.pad(normalized, (pad,) * 4, mode='reflect') if pad > 0 else normalized
-        self._flip_parity = torch.rand(len(self.images), device=self.device) < 0.5
-        self._prepared_for = (self.images, pad)
-
     def __iter__(self):
         if len(self.images) != len(self.labels):
             raise UserError(f'the loader holds {len(self.images)} images but {len(self.labels)} labels; '
                             f'mask both with the same mask')
-        prepared_images, prepared_pad = self._prepared_for or (None, None)
-        if prepared_images is not self.images or prepared_pad != self.aug.get('translate', 0):
-            self._prepare()
-        images = self._source
-        if self.aug.get('translate', 0) > 0:
-            images = batch_crop(images, self.images.shape[1])
-        if self.aug.get('flip', False):
+        pad, flip = self.aug.get('translate', 0), self.aug.get('flip', False)
+        if self.prepared_for != (id(self.images), pad):
+            # Normalizing and padding once per dataset, not per epoch, leaves one gather an epoch.
+            # The flip parity drawn here decides the first epoch's flips.
+            normalized = self.normalize(self.images)
+            self.source = F.pad(normalized, (pad,) * 4, mode='reflect') if pad > 0 else normalized
+            self.flip_parity = torch.rand(len(self.images), device=self.device) < 0.5
+            self.prepared_for = (id(self.images), pad)
+        images = self.source
+        if pad > 0 or flip:
             # Alternating flip: random in the first epoch, then each image the other way than in
             # the epoch before, so every two consecutive epochs hold both mirror images of each.
-            images = batch_flip_lr(images, self._flip_parity ^ bool(self.epoch % 2))
+            images = batch_crop_flip(images, self.images.shape[1], self.flip_parity ^ bool(self.epoch % 2)
+                                     if flip else torch.zeros_like(self.flip_parity))
         if self.aug.get('cutout', 0) > 0:
             images = batch_cutout(images, self.aug['cutout'])
         self.epoch += 1
@@ -456,7 +395,8 @@ def compiled_net(hyp_net, device):
     key = (json.dumps(hyp_net, sort_keys=True), str(device), str(precision_for(device)))
     if key not in COMPILED:
         backend, mode = hyp_net['compile_backend'], hyp_net['compile_mode']
-        options = dict(backend=backend, mode=mode if backend == 'inductor' else None)  # others have none
+        options = dict(backend=backend, mode=mode if backend == 'inductor' else None,  # others have none
+                       dynamic=False)  # the training and evaluation batch sizes get kernels of their own
         torch._dynamo.config.recompile_limit += 8  # all networks' graphs share nn.Sequential's code
         COMPILED[key] = (fresh, torch.compile(fresh, **options), torch.compile(fresh, **options))
     model, train_bias, freeze_bias = COMPILED[key]
@@ -584,40 +524,48 @@ class Clock:
     queued GPU work, not the Python that queues it), time.perf_counter on the CPU."""
 
     def __init__(self, device):
-        self.device = torch.device(device)
-        self.seconds = 0.0
+        self.cuda, self.seconds = torch.device(device).type == 'cuda', 0.0
+
+    def now(self):
+        if not self.cuda:
+            return time.perf_counter()
+        (event := torch.cuda.Event(enable_timing=True)).record()
+        return event
 
     def __enter__(self):
-        if self.device.type == 'cuda':
-            self.start = torch.cuda.Event(enable_timing=True)
-            self.start.record(torch.cuda.current_stream(self.device))
-        else:
-            self.start = time.perf_counter()
-        return self
+        self.start = self.now()
 
     def __exit__(self, *exc_info):
-        if self.device.type == 'cuda':
-            end = torch.cuda.Event(enable_timing=True)
-            end.record(torch.cuda.current_stream(self.device))
-            torch.cuda.synchronize(self.device)
-            self.seconds += self.start.elapsed_time(end) / 1000
-        else:
-            self.seconds += time.perf_counter() - self.start
+        end = self.now()
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.seconds += self.start.elapsed_time(end) / 1000 if self.cuda else end - self.start
 
 
-def train(hyp=hyp, train_loader=None, test_loader=None, device=None, run=None):
+def print_row(cells, head=False, rule=False):
+    """A row of the per-epoch table (floats to 4 places, None blank), with rules around a head row
+    and below a row with `rule`."""
+    widths = [len(column) for column in COLUMNS]
+    texts = [f'{x:.4f}' if isinstance(x, float) else '' if x is None else str(x) for x in cells]
+    line = '| ' + ' | '.join(text.rjust(width) for text, width in zip(texts, widths)) + ' |'
+    print(*['-' * len(line)] * head, line, *['-' * len(line)] * (head or rule), sep='\n', flush=True)
+
+
+COLUMNS = ('run', 'epoch', 'train_loss', 'train_acc', 'val_acc', 'tta_val_acc', 'time_seconds')
+
+
+def train(hyp=hyp, train_loader=None, test_loader=None, device=None, run=None, verbose=True):
     """Trains one network with the recipe in `hyp` and returns (model, result); result holds
     tta_val_acc, val_acc, time_seconds, train_loss, train_acc and steps. The train loader defaults
     to CIFAR-10 in default_data_dir(), the test loader to the train loader's folder; `device` to
-    the train loader's, else CUDA when present. `run` labels the rows this prints. On CUDA this
-    turns on cudnn.benchmark for the process: every step has the same shapes, so autotuning pays."""
+    the train loader's. `run` labels the per-epoch table's rows (its head is printed above run 0
+    or None), and verbose=False prints nothing. On CUDA this turns on cudnn.benchmark for the
+    process: every step has the same shapes, so autotuning pays."""
     check_hyp(hyp)
     opt = hyp['opt']
-    if device is None:
-        device = train_loader.device if train_loader is not None else default_device()
-    device = torch.device(device)
     if train_loader is None:
         train_loader = CifarLoader(None, True, opt['batch_size'], hyp['aug'], device=device)
+    device = torch.device(device or train_loader.device)
     if test_loader is None:
         test_loader = CifarLoader(train_loader.data_dir, False, TEST_BATCH_SIZE, device=device)
     total_steps = math.ceil(len(train_loader) * opt['train_epochs'])
@@ -626,6 +574,8 @@ def train(hyp=hyp, train_loader=None, test_loader=None, device=None, run=None):
                         f'{train_loader.batch_size}; lower opt.batch_size or add images')
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
+    if verbose and run in (None, 0):
+        print_row(COLUMNS, head=True)
 
     model, train_bias, freeze_bias = compiled_net(hyp['net'], device)
     optimizer = make_optimizer(model, opt)
@@ -666,105 +616,51 @@ def train(hyp=hyp, train_loader=None, test_loader=None, device=None, run=None):
             raise UserError(f'training diverged: the loss is {train_loss} after epoch {epoch + 1}; '
                             f'a lower opt.lr may help')
         val_acc = evaluate(net, test_loader, tta_level=0)
-        TABLE.row(run=run, epoch=epoch + 1, train_loss=train_loss, train_acc=train_acc,
-                  val_acc=val_acc, time_seconds=clock.seconds)
+        if verbose:
+            print_row([run, epoch + 1, train_loss, train_acc, val_acc, None, clock.seconds])
 
     with clock:  # test-set predictions with TTA stop the clock
         tta_val_acc = evaluate(net, test_loader, tta_level=hyp['net']['tta_level'])
-    TABLE.row(run=run, epoch='eval', tta_val_acc=tta_val_acc, time_seconds=clock.seconds, last=True)
+    if verbose:
+        print_row([run, 'eval', None, None, None, tta_val_acc, clock.seconds], rule=True)
     model = copy.deepcopy(model)  # the next run in this process reinitializes model's tensors in place
     return model, {'tta_val_acc': tta_val_acc, 'val_acc': val_acc, 'time_seconds': clock.seconds,
                    'train_loss': train_loss, 'train_acc': train_acc, 'steps': total_steps}
 
 
-#############################################
-#          Logging and command line         #
-#############################################
-
-SCRIPT = os.path.splitext(os.path.basename(__file__))[0]
-LOG_FORMAT = 'airbench-study/1'
-
-
-class Table:
-    """The per-epoch table on stdout; its header comes before its first row. Under torchrun only
-    rank 0 prints it: one table to read, in which every run's eval row appears as it arrives."""
-
-    def __init__(self, columns):
-        self.columns = columns
-        self.header_printed = False
-        self.quiet = False
-
-    def line(self, cells):
-        return '| ' + ' | '.join(cell.rjust(len(column)) for cell, column in zip(cells, self.columns)) + ' |'
-
-    def row(self, last=False, **values):
-        if self.quiet:
-            return
-        rule = '-' * len(self.line(self.columns))
-        if not self.header_printed:
-            print(rule, self.line(self.columns), rule, sep='\n')
-            self.header_printed = True
-        cells = [f'{v:.4f}' if isinstance(v, float) else '' if v is None else str(v)
-                 for v in (values.get(column) for column in self.columns)]
-        print(self.line(cells), flush=True)
-        if last:
-            print(rule, flush=True)
-
-
-TABLE = Table(('run', 'epoch', 'train_loss', 'train_acc', 'val_acc', 'tta_val_acc', 'time_seconds'))
-
-
-def hyp_keys(tree, prefix=''):
-    """Dotted names of every leaf of a nested dict: ['opt.train_epochs', ...]."""
-    keys = []
-    for name, value in tree.items():
-        keys += hyp_keys(value, f'{prefix}{name}.') if isinstance(value, dict) else [prefix + name]
-    return keys
-
-
-def override_hyp(base, overrides):
-    """A deep copy of `base` with `overrides` applied: {'opt.lr': 10.0, 'net.widths.block1': 96}.
-    A dict value sets the entries it names. Unknown keys and values whose type differs from the
-    entry's (an int for a float is fine) raise UserError."""
-    result = copy.deepcopy(base)
-    pending = list(overrides.items())
-    while pending:
-        key, value = pending.pop(0)
-        *path, leaf = key.split('.')
-        node = result
-        for name in path:
-            node = node.get(name) if isinstance(node, dict) else None
-        if not isinstance(node, dict) or leaf not in node:
-            raise UserError(f'unknown hyp key {key!r}; valid keys: {", ".join(hyp_keys(base))}')
-        old = node[leaf]
-        if isinstance(old, dict) and isinstance(value, dict):
-            pending += [(f'{key}.{name}', entry) for name, entry in value.items()]
-            continue
-        node[leaf] = float(value) if type(old) is float and type(value) is int else value
-        same_kind = isinstance(old, (list, tuple)) and isinstance(value, (list, tuple))
-        if type(node[leaf]) is not type(old) and not same_kind:
-            raise UserError(f'{key} must be of type {type(old).__name__} (like {old!r}), not {value!r}')
-    return result
+def warmup(hyp=hyp, train_loader=None, device=None, verbose=True):
+    """The untimed warm-up before timed runs (paper, section 2): one training on random labels,
+    which compiles the network, on every device, for just the epochs that reach both variants. It
+    replaces the labels of train_loader. Returns whether it trained."""
+    started, epochs = time.perf_counter(), min(hyp['opt']['train_epochs'], hyp['opt']['whiten_bias_epochs'] + 1)
+    hyp = {**hyp, 'opt': {**hyp['opt'], 'train_epochs': epochs}}
+    if verbose:
+        print('warm-up run on random labels, not part of the study')
+    train_loader.labels = torch.randint_like(train_loader.labels, len(CIFAR10_CLASSES))
+    train(hyp, train_loader, None, device, 'warm-up', verbose)
+    if verbose:
+        print(f'compiled in {time.perf_counter() - started:.1f} s (warm-up run included)')
+    return True
 
 
 def check_hyp(hyp):
     """Rejects values that would fail or make no sense, before any training time is spent."""
-    opt, net = hyp['opt'], hyp['net']
+    opt, aug, net = hyp['opt'], hyp['aug'], hyp['net']
     knots = opt['lr_knots']
-    problems = [
-        (opt['train_epochs'] > 0, 'opt.train_epochs must be positive'),
-        (opt['batch_size'] >= 1, 'opt.batch_size must be at least 1'),
+    for ok, message in [
+        (opt['train_epochs'] > 0 and opt['batch_size'] >= 1,
+         'opt.train_epochs must be positive and opt.batch_size at least 1'),
         (0 <= opt['momentum'] < 1, 'opt.momentum must be in [0, 1)'),
         (opt['lr'] > 0 and opt['bias_scaler'] > 0, 'opt.lr and opt.bias_scaler must be positive'),
         (0 <= opt['label_smoothing'] <= 1, 'opt.label_smoothing must be in [0, 1]'),
-        (opt['lookahead_every'] >= 1, 'opt.lookahead_every must be at least 1'),
         (len(knots) >= 2 and all(isinstance(k, (list, tuple)) and len(k) == 2
                                  and all(isinstance(v, (int, float)) for v in k) for k in knots)
          and knots[0][0] == 0 and knots[-1][0] == 1 and all(a[0] < b[0] for a, b in zip(knots, knots[1:])),
          'opt.lr_knots must be (fraction, multiplier) pairs with fractions rising from 0 to 1'),
-        (0 <= opt['lookahead_decay'] <= 1, 'opt.lookahead_decay must be in [0, 1]'),
-        (hyp['aug']['translate'] >= 0, 'aug.translate must be at least 0'),
-        (0 <= hyp['aug']['cutout'] <= 32, 'aug.cutout must be between 0 and 32 pixels'),
+        (opt['lookahead_every'] >= 1 and 0 <= opt['lookahead_decay'] <= 1,
+         'opt.lookahead_every must be at least 1 and opt.lookahead_decay in [0, 1]'),
+        (0 <= aug['translate'] < 32 and 0 <= aug['cutout'] <= 32,
+         'aug.translate must be 0 to 31 pixels (reflect padding) and aug.cutout 0 to 32'),
         (all(w >= 1 for w in net['widths'].values()), 'net.widths must be at least 1'),
         (net['whiten_images'] >= 1 and net['whiten_eps'] > 0,
          'net.whiten_images must be at least 1 and net.whiten_eps positive'),
@@ -773,382 +669,96 @@ def check_hyp(hyp):
         (net['compile_backend'] in torch.compiler.list_backends(exclude_tags=()) and net['compile_mode'] in
          COMPILE_MODES, f'net.compile_backend must be one of {torch.compiler.list_backends(exclude_tags=())} '
                         f'and net.compile_mode one of {COMPILE_MODES}'),
-    ]
-    for ok, message in problems:
+    ]:
         if not ok:
             raise UserError(message)
 
 
-def parse_overrides(assignments):
-    """['opt.lr=10', ...] -> {'opt.lr': 10}; values are Python literals, anything else a string."""
-    overrides = {}
-    for assignment in assignments:
-        key, equals, text = assignment.partition('=')
-        if not equals or not key:
-            raise UserError(f'--set expects KEY=VALUE, e.g. opt.lr=10.0, not {assignment!r}')
-        try:
-            overrides[key.strip()] = ast.literal_eval(text.strip())
-        except (ValueError, SyntaxError):
-            overrides[key.strip()] = text.strip()
-    return overrides
+#############################################
+#              Record attempt               #
+#############################################
 
-
-def resolve_device(name):
-    if name is None:
-        return default_device()
+def write_log(folder, info, results):
+    """log.pt (this script's source, the accuracies as a tensor, all else) and summary.json (all
+    else), in the format of study.py, which adds statistics. Both files are renamed into place
+    together, so they never disagree: a full disk leaves both at the last complete write."""
+    accs = [result['tta_val_acc'] for result in results]
+    n, mean = len(accs), sum(accs) / max(len(accs), 1)
+    summary = {**info, 'n': n, 'mean': mean if n else None, 'runs': results,
+               'std': math.sqrt(sum((a - mean) ** 2 for a in accs) / (n - 1)) if n > 1 else None,
+               'mean_time_seconds': sum(r['time_seconds'] for r in results) / n if n else None}
+    with open(__file__, encoding='utf-8') as file:
+        log = {**summary, 'code': file.read(), 'accs': torch.tensor(accs, dtype=torch.float64)}
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f'unknown device {name!r}; use cpu, cuda or cuda:N') from None
-    if device.type not in ('cpu', 'cuda'):
-        raise UserError(f'device {name!r} is not supported; use cpu, cuda or cuda:N')
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise UserError(f'--device {name} asks for CUDA, but this torch {torch.__version__} sees no '
-                        f'CUDA GPU; run with --device cpu, or install a CUDA build of torch')
-    if device.type == 'cuda' and (device.index or 0) >= torch.cuda.device_count():
-        raise UserError(f'--device {name}: there are only {torch.cuda.device_count()} CUDA devices')
-    return device
-
-
-def device_name(device):
-    if device.type == 'cuda':
-        return torch.cuda.get_device_name(device)
-    return f'cpu ({torch.get_num_threads()} threads)'
-
-
-def run_seed(base_seed, run):
-    """The seed of run `run` of a study: a function of (base_seed, run) alone, so a study is the
-    same set of trainings however its runs are ordered or spread over devices."""
-    digest = hashlib.sha256(f'{base_seed}:{run}'.encode()).digest()
-    return int.from_bytes(digest[:8], 'little') >> 1  # 63 bits: what torch.manual_seed accepts
-
-
-def t_two_sided(t, df):
-    """P(|T| <= t) for Student's t with integer df >= 1, by the finite series of Abramowitz and
-    Stegun 26.7.3 (odd df) and 26.7.4 (even df)."""
-    theta = math.atan(t / math.sqrt(df))
-    cos2 = math.cos(theta) ** 2
-    if df % 2:
-        term, series = math.cos(theta), 0.0
-        for j in range(1, (df - 1) // 2 + 1):
-            series, term = series + term, term * cos2 * 2 * j / (2 * j + 1)
-        return 2 / math.pi * (theta + math.sin(theta) * series)
-    term, series = 1.0, 0.0
-    for j in range(df // 2):
-        series, term = series + term, term * cos2 * (2 * j + 1) / (2 * j + 2)
-    return math.sin(theta) * series
-
-
-def t_critical(df, confidence=0.95):
-    """The t with P(|T| <= t) = confidence, by bisection: 2.064 for df=24, 1.960 as df grows."""
-    low, high = 0.0, 1.0
-    while t_two_sided(high, df) < confidence:
-        low, high = high, 2 * high
-    for _ in range(60):
-        middle = (low + high) / 2
-        low, high = (middle, high) if t_two_sided(middle, df) < confidence else (low, middle)
-    return high
-
-
-def summarize(results):
-    """Study statistics of the TTA accuracy: n, mean, std, the 95% confidence interval of the mean
-    (Student's t), and the mean time. std and the interval need two runs; with one they are None."""
-    accs = [r['tta_val_acc'] for r in results]
-    n = len(accs)
-    stats = {'n': n, 'mean': None, 'std': None, 'ci95': None, 'mean_time_seconds': None,
-             'mean_val_acc': None}
-    if n:
-        stats['mean'] = sum(accs) / n
-        stats['mean_time_seconds'] = sum(r['time_seconds'] for r in results) / n
-        stats['mean_val_acc'] = sum(r['val_acc'] for r in results) / n
-    if n >= 2:
-        stats['std'] = math.sqrt(sum((a - stats['mean']) ** 2 for a in accs) / (n - 1))
-        half_width = t_critical(n - 1) * stats['std'] / math.sqrt(n)
-        stats['ci95'] = [stats['mean'] - half_width, stats['mean'] + half_width]
-    return stats
-
-
-class StudyLog:
-    """logs/<script>/<UTC time>-<8 hex>/: log.pt (the script's source, hyp, accuracies as a tensor,
-    every run's result) and summary.json (the same without the source). Both are rewritten
-    atomically after every run, so an interrupted study keeps every finished run."""
-
-    def __init__(self, log_root, hyp, argv, device, base_seed, device_names):
-        stamp = datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%dT%H-%M-%SZ')
-        self.dir = os.path.join(log_root, SCRIPT, f'{stamp}-{secrets.token_hex(4)}')
-        os.makedirs(self.dir)
-        with open(__file__, encoding='utf-8') as file:
-            self.source = file.read()
-        self.results = []
-        self.info = {'format': LOG_FORMAT, 'script': SCRIPT + '.py', 'status': 'running',
-                     'command': ' '.join([sys.argv[0] if sys.argv[0] else SCRIPT + '.py'] + argv),
-                     'argv': argv, 'hyp': hyp, 'seed': base_seed, 'device': str(device),
-                     'device_name': device_name(device), 'torch': str(torch.__version__),
-                     'python': sys.version.split()[0], 'started': stamp,
-                     'world_size': len(device_names), 'device_names': device_names}
-        self.write()
-
-    def add(self, result):
-        self.results.append(result)
-        self.write()
-
-    def close(self, status):
-        self.info['status'] = status
-        self.write()
-
-    def summary(self):
-        return {**self.info, **summarize(self.results), 'runs': self.results}
-
-    def write(self):
-        summary = self.summary()
-        text = json.dumps(summary, indent=2) + '\n'
-        accs = torch.tensor([r['tta_val_acc'] for r in self.results], dtype=torch.float64)
-        log = {**summary, 'code': self.source, 'accs': accs}
-        atomic_write(os.path.join(self.dir, 'summary.json'), lambda file: file.write(text.encode()))
-        atomic_write(os.path.join(self.dir, 'log.pt'), lambda file: torch.save(log, file))
-
-
-def format_summary(stats):
-    def pct(x):
-        return f'{100 * x:.2f}%'
-    line = f'{SCRIPT}: {stats["n"]} runs, mean TTA accuracy {pct(stats["mean"])}'
-    if stats['std'] is not None:
-        low, high = stats['ci95']
-        line += f' (std {100 * stats["std"]:.2f}, 95% CI {pct(low)} to {pct(high)})'
-    return line + f', without TTA {pct(stats["mean_val_acc"])}, mean time {stats["mean_time_seconds"]:.3f} s'
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f'{self.prog}: error: {message} (see --help)\n')
-
-
-def parse_args(argv):
-    parser = OneLineParser(
-        prog=SCRIPT + '.py', description=__doc__.splitlines()[0],
-        epilog='Every study writes logs/<script>/<time>-<id>/summary.json and log.pt, updated after '
-               'each run. Data: the CIFAR-10 cache (train.pt, test.pt) in the data folder; when it is '
-               f'missing, {CIFAR10_TARBALL} is downloaded from {CIFAR10_URL} into that folder. Many GPUs: '
-               f'torchrun --nproc_per_node=K {SCRIPT}.py --runs N (README.md: Running large studies).')
-    parser.add_argument('--runs', type=int, default=25,
-                        help='number of timed trainings in the study (default: %(default)s)')
-    parser.add_argument('--data-dir', default=None,
-                        help='folder of the CIFAR-10 cache (default: $CIFAR10_DIR, else ./cifar10)')
-    parser.add_argument('--device', default=None,
-                        help='cpu, cuda or cuda:N (default: cuda when available). The CPU trains in '
-                             'fp32, hundreds of times slower (README.md has CPU timings)')
-    parser.add_argument('--log-dir', default='logs',
-                        help='where the study log folder is created (default: %(default)s)')
-    parser.add_argument('--seed', type=int, default=None,
-                        help='base seed; run i is seeded from (SEED, i), so a study can be repeated '
-                             '(default: a random one, printed and logged)')
-    parser.add_argument('--no-warmup', action='store_true',
-                        help='skip the untimed warm-up run on random labels that precedes the study '
-                             'and compiles the network (the first run then pays for compilation)')
-    parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
-                        help='override a hyp entry, e.g. --set opt.lr=10.0 --set net.widths.block1=96; '
-                             f'the value is a Python literal; repeatable. Keys: {", ".join(hyp_keys(hyp))}')
-    args = parser.parse_args(argv)
-    if args.runs < 1:
-        parser.error(f'--runs must be at least 1, not {args.runs}')
-    return args
-
-
-class Ranks:
-    """The processes of one study. Without torchrun there is one, and torch.distributed is never
-    touched. Under torchrun (which sets RANK, WORLD_SIZE and LOCAL_RANK) there is one per rank:
-    rank r trains runs r, r + K, r + 2K, ... of the study on its own device, and after each round
-    of K runs the outcomes are gathered, so that rank 0 logs every run as it arrives and every
-    rank learns at once when another one failed."""
-
-    def __init__(self, environ=os.environ):
-        self.distributed = 'RANK' in environ and 'WORLD_SIZE' in environ
-        self.rank, self.size = int(environ.get('RANK', 0)), int(environ.get('WORLD_SIZE', 1))
-        self.local_rank = int(environ.get('LOCAL_RANK', 0))
-
-    def device(self, name):
-        """As asked without torchrun; under it, cuda:LOCAL_RANK, or the CPU with --device cpu."""
-        if not self.distributed:
-            return resolve_device(name)
-        if name not in (None, 'cuda', 'cpu'):
-            raise UserError(f'under torchrun each rank trains on cuda:LOCAL_RANK (--device cuda, the '
-                            f'default) or on the CPU (--device cpu), not on --device {name}')
-        if name != 'cpu' and not torch.cuda.is_available():
-            raise UserError(f'under torchrun each rank trains on cuda:LOCAL_RANK, but this torch '
-                            f'{torch.__version__} sees no CUDA GPU; add --device cpu')
-        return resolve_device('cpu' if name == 'cpu' else f'cuda:{self.local_rank}')
-
-    def connect(self, device):
-        if self.distributed:
-            if device.type == 'cuda':
-                torch.cuda.set_device(device)
-            torch.distributed.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
-            # torchrun ends a study whose rank died by sending the others SIGTERM: close the log.
-            signal.signal(signal.SIGTERM, signal.default_int_handler)
-
-    def gather(self, value):
-        """Every rank's value, in rank order; [value] without torchrun."""
-        if not self.distributed:
-            return [value]
-        values = [None] * self.size
-        torch.distributed.all_gather_object(values, value)
-        return values
-
-    def close(self):
-        if self.distributed and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-
-
-class StudyFailed(UserError):
-    """A run failed on some rank; every rank knows, and rank 0 alone reports it."""
-
-
-def train_run(ranks, run, run_hyp, base_seed, loaders, device):
-    """Run `run` of the study, seeded from (base_seed, run): its entry in the log."""
-    seed = run_seed(base_seed, run)
-    torch.manual_seed(seed)
-    _, result = train(run_hyp, *loaders, device, run=run)
-    return {'run': run, 'seed': seed, **result, **({'rank': ranks.rank} if ranks.distributed else {})}
-
-
-def attempt(ranks, what, work):
-    """work()'s value. Under torchrun a failure is returned instead, as {'error': ...} naming the
-    rank and `what`: the other ranks must hear of it rather than wait for this rank forever.
-    Without torchrun it is raised as it is."""
-    try:
-        return work()
-    except Exception as exc:
-        if not ranks.distributed:
-            raise
-        if not isinstance(exc, UserError):
-            traceback.print_exc()  # a bug or e.g. out of memory: the traceback matters
-        return {'error': f'rank {ranks.rank} failed in {what}: '
-                         f'{exc if isinstance(exc, UserError) else first_line(exc)}'}
-
-
-def stop_on_failures(outcomes):
-    """Raises StudyFailed, on every rank alike, when any rank's outcome is a failure."""
-    errors = [outcome['error'] for outcome in outcomes if outcome is not None and 'error' in outcome]
-    if errors:
-        raise StudyFailed('; '.join(errors))
+        atomic_write({os.path.join(folder, 'summary.json'): lambda f: f.write(json.dumps(summary, indent=2).encode()),
+                      os.path.join(folder, 'log.pt'): lambda f: torch.save(log, f)})
+    except OSError as exc:
+        raise UserError(f'cannot write the log ({first_line(exc)}); it keeps its last complete write') from None
+    return summary
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    ranks = Ranks()
-    log = None
+    """A record attempt: the warm-up (on CUDA), then --runs timed trainings, logged after each."""
+    name = os.path.splitext(os.path.basename(__file__))[0]
+    parser = argparse.ArgumentParser(prog=f'{name}.py', description=__doc__.split('\n\n')[0], epilog=(
+        f'It logs to logs/{name}/. Overrides, seeds, many GPUs: python study.py {name} --help'))
+    parser.add_argument('--runs', type=int, default=25, help='timed trainings (default: %(default)s)')
+    parser.add_argument('--data-dir', default=default_data_dir(), help='folder of the CIFAR-10 cache, '
+                        'downloaded there when missing (default: $CIFAR10_DIR, else ./cifar10)')
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+                        help='cuda, cuda:N or cpu (default: %(default)s; the CPU is hundreds of times slower)')
+    args = parser.parse_args(argv)
+    previous_handler = signal.signal(signal.SIGTERM, stop)  # as Ctrl-C: the finished runs are kept
+    folder, results = None, []
     try:
-        run_hyp = override_hyp(hyp, parse_overrides(args.set))
-        check_hyp(run_hyp)
-        device = ranks.device(args.device)
-        data_dir = args.data_dir or default_data_dir()
-
-        def loaders():
-            return (CifarLoader(data_dir, True, run_hyp['opt']['batch_size'], run_hyp['aug'], device=device),
-                    CifarLoader(data_dir, False, TEST_BATCH_SIZE, device=device))
-
-        ranks.connect(device)
-        if ranks.local_rank > 0:
-            ranks.gather(None)  # wait for local rank 0 to load the data, building the cache if need be
-        train_loader, test_loader = loaders()  # missing or damaged data fails here, before any log
-        if ranks.local_rank == 0:
-            ranks.gather(None)
-        base_seed = ranks.gather(secrets.randbits(32) if args.seed is None else args.seed)[0]
-        device_names = ranks.gather(device_name(device))
-        own_runs = range(ranks.rank, args.runs, ranks.size)
-        TABLE.quiet = ranks.rank > 0
-        if ranks.rank == 0:
-            log = StudyLog(args.log_dir, run_hyp, argv, device, base_seed, device_names)
-            where = device_names[0] if ranks.size == 1 else f'{ranks.size} ranks ({", ".join(device_names)})'
-            print(f'{SCRIPT}: study of {args.runs} run(s) on {where}, torch {torch.__version__}, '
-                  f'seed {base_seed}, log {log.dir}')
-            if device.type == 'cpu':
-                print(f'{SCRIPT}: training on the CPU in fp32, hundreds of times slower than a GPU')
-        if not own_runs:
-            print(f'{SCRIPT}: rank {ranks.rank} is idle: {args.runs} run(s) for {ranks.size} ranks')
-        warmup = None
-        if not args.no_warmup and own_runs:  # a short one: enough epochs to compile both variants
-            print(f'{SCRIPT}: warm-up run on random labels, not part of the study; it compiles the network')
-            train_loader.labels = torch.randint_like(train_loader.labels, len(CIFAR10_CLASSES))
-            warmup_epochs = min(run_hyp['opt']['train_epochs'], run_hyp['opt']['whiten_bias_epochs'] + 1)
-            warmup_hyp = override_hyp(run_hyp, {'opt.train_epochs': warmup_epochs})
-            started = time.perf_counter()
-            warmup = attempt(ranks, 'its warm-up run',
-                             lambda: train(warmup_hyp, train_loader, test_loader, device)[1])
-            print(f'{SCRIPT}: compiled in {time.perf_counter() - started:.1f} s (warm-up run included)')
-        stop_on_failures(ranks.gather(warmup))
-        for first_run in range(0, args.runs, ranks.size):  # a round: one run on each rank
-            run, outcome = first_run + ranks.rank, None
-            if run < args.runs:
-                if train_loader.epoch > 0:  # used by the warm-up or the run before
-                    train_loader, test_loader = loaders()
-                loaders_of_run = (train_loader, test_loader)
-                outcome = attempt(ranks, f'run {run}',
-                                  lambda: train_run(ranks, run, run_hyp, base_seed, loaders_of_run, device))
-            outcomes = ranks.gather(outcome)
-            for rank, finished in enumerate(outcomes):
-                if log is not None and finished is not None and 'error' not in finished:
-                    log.add(finished)
-                    if rank > 0:
-                        TABLE.row(run=finished['run'], epoch='eval', tta_val_acc=finished['tta_val_acc'],
-                                  time_seconds=finished['time_seconds'], last=True)
-            stop_on_failures(outcomes)
-        if log is not None:
-            log.close('complete')
-            print(format_summary(log.summary()))
-            print(f'{SCRIPT}: log written to {log.dir}')
-    except UserError as exc:
-        kept = ''
-        if log is not None:
-            log.close('failed')
-            kept = f'; {len(log.results)} finished run(s) kept in {log.dir}'
-        if isinstance(exc, StudyFailed):  # every rank is here: rank 0 reports, then all leave
-            if ranks.rank == 0:
-                print(f'{SCRIPT}.py: error: {exc}{kept}', file=sys.stderr, flush=True)
-            ranks.gather(None)  # were another rank to exit first, torchrun would stop rank 0
-            sys.exit(1)
-        fail(f'error: {exc}{kept}', rank=ranks)
-    except KeyboardInterrupt:
-        if ranks.rank > 0:
-            fail('interrupted; rank 0 keeps the log', status=130, rank=ranks)
-        if log is None:
-            fail('interrupted before the study started; nothing was logged', status=130, rank=ranks)
-        log.close('interrupted')
-        fail(f'interrupted; {len(log.results)} finished run(s) kept in {log.dir}', status=130, rank=ranks)
-    except Exception:  # a bug or e.g. out of memory: the traceback matters, and so do the finished runs
-        if log is not None:
-            log.close('failed')
-            print(f'{SCRIPT}.py: {len(log.results)} finished run(s) kept in {log.dir}', file=sys.stderr)
-        raise
+        if args.runs < 1:
+            raise UserError(f'--runs must be at least 1, not {args.runs}')
+        if not os.path.isdir(args.data_dir) and args.data_dir != 'cifar10':
+            raise UserError(f'--data-dir {args.data_dir} is not a folder; correct it, or create it to '
+                            f'download CIFAR-10 into it')
+        try:
+            device = torch.device(args.device)
+            torch.empty(0, device=device)
+        except (RuntimeError, AssertionError) as exc:  # a CPU-only torch asserts
+            raise UserError(f'cannot use --device {args.device} ({first_line(exc)}); try --device cpu') from None
+        warmup(hyp, CifarLoader(args.data_dir, True, hyp['opt']['batch_size'], hyp['aug'], device=device))
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%dT%H-%M-%SZ')
+        folder = os.path.join('logs', name, f'{stamp}-{os.getpid()}')
+        info = {'format': 'airbench-study/1', 'script': f'{name}.py', 'status': 'running',
+                'command': ' '.join(sys.argv), 'hyp': hyp, 'device': str(device), 'torch': torch.__version__,
+                'device_name': torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu',
+                'data_dir': os.path.abspath(args.data_dir), 'started': stamp}
+        try:
+            os.makedirs(folder)
+        except OSError as exc:
+            raise UserError(f'cannot create the log folder {folder} ({first_line(exc)})') from None
+        write_log(folder, info, results)
+        for run in range(args.runs):
+            seed = torch.seed()  # logged, so that any run can be repeated
+            loader = CifarLoader(args.data_dir, True, hyp['opt']['batch_size'], hyp['aug'], device=device)
+            results.append({'run': run, 'seed': seed, **train(hyp, loader, None, device, run=run)[1]})
+            write_log(folder, info, results)
+        summary = write_log(folder, {**info, 'status': 'complete'}, results)
+        print(f'{name}: {summary["n"]} run{"s" * (summary["n"] > 1)}, mean TTA accuracy '
+              f'{100 * summary["mean"]:.2f}%, std {100 * (summary["std"] or 0):.2f}, mean time '
+              f'{summary["mean_time_seconds"]:.3f} s; log {folder}')
+    except (UserError, KeyboardInterrupt) as exc:
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        message = f'interrupted ({exc or "SIGINT"})' if interrupted else f'error: {exc}'
+        if folder and os.path.isdir(folder):
+            with contextlib.suppress(UserError):
+                write_log(folder, {**info, 'status': 'interrupted' if interrupted else 'failed'}, results)
+            message += f'; {len(results)} finished run(s) kept in {folder}'
+        print(f'{name}.py: {message}', file=sys.stderr)
+        sys.exit(128 + signal.Signals[str(exc) or 'SIGINT'] if interrupted else 1)
     finally:
-        ranks.close()
+        signal.signal(signal.SIGTERM, previous_handler)
 
 
-def fail(message, status=1, rank=None):
-    """One line on stderr, no traceback; 130 is the shell's status for an interrupt. Under torchrun
-    the line names the rank it comes from."""
-    where = f'rank {rank.rank}: ' if rank is not None and rank.distributed else ''
-    print(f'{SCRIPT}.py: {where}{message}', file=sys.stderr)
-    sys.exit(status)
-
-
-def run_as_script():
-    """main() as the program. Under torchrun the process then ends at once with os._exit, its
-    output flushed and its log long written: in ordinary interpreter shutdown, torch.distributed's
-    teardown now and then aborts a rank that has finished (SIGABRT, seen with gloo on a busy
-    machine), and torchrun would report the finished study as failed."""
-    try:
-        main()
-        status = 0
-    except SystemExit as exc:
-        status = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
-    if not Ranks().distributed:
-        sys.exit(status)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
+def stop(signum, frame):
+    """SIGTERM (a scheduler, timeout, kill) ends a study as Ctrl-C does."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 if __name__ == '__main__':
-    run_as_script()
+    main()
