@@ -533,7 +533,6 @@ def train(hyp=hyp, train_loader=None, test_loader=None, device=None, run=None, v
     the train loader's. `run` labels the per-epoch table's rows (its head is printed above run 0
     or None), and verbose=False prints nothing. On CUDA this turns on cudnn.benchmark for the
     process: every step has the same shapes, so autotuning pays."""
-    check_hyp(hyp)
     opt = hyp['opt']
     if train_loader is None:
         train_loader = CifarLoader(None, True, opt['batch_size'], hyp['aug'], device=device)
@@ -609,34 +608,6 @@ def warmup(hyp=hyp, train_loader=None, device=None, verbose=True):
     train_loader.labels = torch.randint_like(train_loader.labels, len(CIFAR10_CLASSES))
     train(hyp, train_loader, None, device, 'warm-up', verbose)
     return True
-
-
-def check_hyp(hyp):
-    """Rejects values that would fail or make no sense, before any training time is spent."""
-    opt, aug, net = hyp['opt'], hyp['aug'], hyp['net']
-    knots = opt['lr_knots']
-    for ok, message in [
-        (opt['train_epochs'] > 0 and opt['batch_size'] >= 1,
-         'opt.train_epochs must be positive and opt.batch_size at least 1'),
-        (0 <= opt['momentum'] < 1, 'opt.momentum must be in [0, 1)'),
-        (opt['lr'] > 0 and opt['bias_scaler'] > 0, 'opt.lr and opt.bias_scaler must be positive'),
-        (0 <= opt['label_smoothing'] <= 1, 'opt.label_smoothing must be in [0, 1]'),
-        (len(knots) >= 2 and all(isinstance(k, (list, tuple)) and len(k) == 2
-                                 and all(isinstance(v, (int, float)) for v in k) for k in knots)
-         and knots[0][0] == 0 and knots[-1][0] == 1 and all(a[0] < b[0] for a, b in zip(knots, knots[1:])),
-         'opt.lr_knots must be (fraction, multiplier) pairs with fractions rising from 0 to 1'),
-        (opt['lookahead_every'] >= 1 and 0 <= opt['lookahead_decay'] <= 1,
-         'opt.lookahead_every must be at least 1 and opt.lookahead_decay in [0, 1]'),
-        (0 <= aug['translate'] < 32 and 0 <= aug['cutout'] <= 32,
-         'aug.translate must be 0 to 31 pixels (reflect padding) and aug.cutout 0 to 32'),
-        (all(w >= 1 for w in net['widths'].values()), 'net.widths must be at least 1'),
-        (net['whiten_images'] >= 1 and net['whiten_eps'] > 0,
-         'net.whiten_images must be at least 1 and net.whiten_eps positive'),
-        (0 <= net['batchnorm_momentum'] < 1, 'net.batchnorm_momentum must be in [0, 1)'),
-        (net['tta_level'] in (0, 1, 2), 'net.tta_level must be 0, 1 or 2'),
-    ]:
-        if not ok:
-            raise UserError(message)
 
 
 #############################################
