@@ -101,7 +101,6 @@ CIFAR10_MD5 = 'c32a1d4ab5d03f1284b67883e8d87530'
 CIFAR10_CLASSES = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)  # per channel, of the training images scaled to [0, 1]
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-RECORD_BYTES = 1 + 3 * 32 * 32  # a label byte, then the red, green and blue 32x32 planes, row-major
 
 
 def default_data_dir():
@@ -111,9 +110,8 @@ def default_data_dir():
 def precision_for(device):
     """The one place dtype and memory layout are chosen: fp16 channels-last on CUDA as in the paper,
     fp32 in the usual layout on the CPU (which has no fast fp16 convolutions)."""
-    if torch.device(device).type == 'cuda':
-        return torch.float16, torch.channels_last
-    return torch.float32, torch.contiguous_format
+    cuda = torch.device(device).type == 'cuda'
+    return (torch.float16, torch.channels_last) if cuda else (torch.float32, torch.contiguous_format)
 
 
 def load_cifar10(data_dir=None, train=True):
@@ -125,22 +123,17 @@ def load_cifar10(data_dir=None, train=True):
     if os.path.isfile(data_dir):
         raise UserError(f'the data folder {data_dir} is a file; give the folder of the CIFAR-10 cache')
     try:
-        os.stat(path)
-    except FileNotFoundError:
-        build_cache(data_dir)
-    except OSError as exc:  # no permission to look into the folder: not a reason to download
-        raise UserError(f'cannot read {path} ({first_line(exc)}); check the permissions of {data_dir}') from None
-    try:
+        if not os.path.exists(path) and (not os.path.isdir(data_dir) or os.access(data_dir, os.X_OK)):
+            build_cache(data_dir)  # but not in a folder this user may not look into: it only looks empty
         data = torch.load(path, map_location='cpu', weights_only=True)
-    except OSError as exc:  # permissions, a disk error: the file itself may be fine
-        raise UserError(f'cannot read the CIFAR-10 cache {path} ({first_line(exc)})') from None
-    except Exception as exc:  # a truncated zip, a pickle of the wrong kind: the content is damaged
+    except OSError as exc:  # permissions, a full or failing disk: the file itself may be fine
+        raise UserError(f'cannot read or build {path} ({first_line(exc)}); check the folder') from None
+    except Exception as exc:  # a truncated zip, a pickle of the wrong kind
         data = first_line(exc)
     images, labels = (data.get(key) if isinstance(data, dict) else None for key in ('images', 'labels'))
-    if not (isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.dim() == 4
-            and images.shape[1:] == (32, 32, 3) and isinstance(labels, torch.Tensor)
-            and labels.dtype == torch.int64 and labels.shape == (len(images),) and len(labels) > 0
-            and 0 <= labels.min() and labels.max() < len(CIFAR10_CLASSES)):
+    if not (isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.shape[1:] == (32, 32, 3)
+            and isinstance(labels, torch.Tensor) and labels.dtype == torch.int64 and len(labels) > 0
+            and labels.shape == images.shape[:1] and 0 <= labels.min() and labels.max() <= 9):
         problem = data if isinstance(data, str) else 'not uint8 images N x 32 x 32 x 3 with int64 labels 0-9'
         raise UserError(f'{path} is not a CIFAR-10 cache ({problem}); delete it and run again to rebuild it')
     return {'images': images, 'labels': labels, 'classes': data.get('classes', CIFAR10_CLASSES)}
@@ -148,7 +141,8 @@ def load_cifar10(data_dir=None, train=True):
 
 def build_cache(data_dir):
     """Writes train.pt and test.pt from the binary tarball, downloading it when it is not there.
-    Only the known members are read, as bytes: nothing is unpickled or extracted to disk."""
+    The records (a label byte, then the red, green and blue 32x32 planes) are read as bytes from
+    the known members: nothing is unpickled or extracted to disk."""
     os.makedirs(data_dir, exist_ok=True)
     tarball = os.path.join(data_dir, os.path.basename(CIFAR10_URL))
     if not os.path.exists(tarball):
@@ -156,14 +150,11 @@ def build_cache(data_dir):
         try:
             with urllib.request.urlopen(CIFAR10_URL, timeout=60) as response:
                 atomic_write({tarball: lambda file: file.write(response.read())})
-        except (OSError, ValueError) as exc:  # URLError, timeouts, refused connections: OSError
+        except (OSError, ValueError) as exc:  # refused, unreachable, timed out
             raise UserError(f'cannot download {CIFAR10_URL} ({first_line(exc)}); download it by hand '
                             f'and put it in {os.path.abspath(data_dir)}/') from None
-    try:
-        with open(tarball, 'rb') as file:
-            raw = file.read()
-    except OSError as exc:  # e.g. removed by another process that found it damaged
-        raise UserError(f'cannot read {tarball} ({first_line(exc)}); run again') from None
+    with open(tarball, 'rb') as file:
+        raw = file.read()
     if hashlib.md5(raw).hexdigest() != CIFAR10_MD5:
         with contextlib.suppress(FileNotFoundError):  # another process may have removed it first
             os.remove(tarball)
@@ -172,31 +163,25 @@ def build_cache(data_dir):
     members = {'train': [f'data_batch_{i}.bin' for i in range(1, 6)], 'test': ['test_batch.bin']}
     try:
         with tarfile.open(fileobj=io.BytesIO(raw), mode='r:gz') as tar:
-            splits = {split: parse_records(b''.join(tar.extractfile(f'cifar-10-batches-bin/{name}').read()
-                                                    for name in names)) for split, names in members.items()}
-    except (tarfile.TarError, KeyError, AttributeError, OSError, EOFError, ValueError) as exc:
+            splits = {split: b''.join(tar.extractfile(f'cifar-10-batches-bin/{name}').read() for name in names)
+                      for split, names in members.items()}
+        records = {split: torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(-1, 1 + 3 * 32 * 32)
+                   for split, raw in splits.items()}
+        if any(len(r) == 0 or r[:, 0].max() > 9 for r in records.values()):
+            raise ValueError('a split is empty or has labels above 9')
+    except (tarfile.TarError, KeyError, AttributeError, RuntimeError, EOFError, OSError, ValueError) as exc:
         raise UserError(f'{tarball} is not a readable CIFAR-10 binary tarball ({first_line(exc)}); '
                         f'delete it and run again') from None
-    atomic_write({os.path.join(data_dir, f'{split}.pt'): lambda file, data=data: torch.save(data, file)
-                  for split, data in splits.items()})
-
-
-def parse_records(raw):
-    if not raw or len(raw) % RECORD_BYTES:
-        raise ValueError(f'{len(raw)} bytes are not whole {RECORD_BYTES}-byte records')
-    records = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(-1, RECORD_BYTES)
-    if records[:, 0].max() >= len(CIFAR10_CLASSES):
-        raise ValueError(f'label {records[:, 0].max().item()} is not a CIFAR-10 class')
-    images = records[:, 1:].view(-1, 3, 32, 32).permute(0, 2, 3, 1).contiguous()
-    return {'images': images, 'labels': records[:, 0].long(), 'classes': CIFAR10_CLASSES}
+    atomic_write({os.path.join(data_dir, f'{split}.pt'): lambda file, r=r: torch.save(
+        {'images': r[:, 1:].view(-1, 3, 32, 32).permute(0, 2, 3, 1).contiguous(), 'labels': r[:, 0].long(),
+         'classes': CIFAR10_CLASSES}, file) for split, r in records.items()})
 
 
 def atomic_write(writers):
     """{path: write(file)}: each file is written to a temporary beside it, and only when all are
     complete are they renamed into place, so an interruption or a full disk leaves the old set of
     files, never half a file or a mix of old and new."""
-    temporaries = {}
-    umask = os.umask(0)
+    temporaries, umask = {}, os.umask(0)
     os.umask(umask)
     try:
         for path, write in writers.items():
@@ -222,29 +207,25 @@ def random_corners(images, size):
     square lies wholly inside the images (N x C x H x W)."""
     n, _, height, width = images.shape
     top = torch.randint(height - size + 1, (n, 1, 1), device=images.device)
-    left = torch.randint(width - size + 1, (n, 1, 1), device=images.device)
-    return top, left
+    return top, torch.randint(width - size + 1, (n, 1, 1), device=images.device)
 
 
 def batch_crop_flip(padded, size, flip):
     """A random size x size window of each image, mirrored left-right where the boolean `flip` is
     set, in one gather over (image, row, col). Of images padded by r pixels on every side, the
     window is a random translation by up to r pixels in each direction."""
-    n = len(padded)
     top, left = random_corners(padded, size)
     offsets = torch.arange(size, device=padded.device)
-    rows = top + offsets.view(1, size, 1)
-    cols = left + torch.where(flip.view(n, 1, 1), offsets.flip(0), offsets).view(n, 1, size)
-    index = torch.arange(n, device=padded.device).view(n, 1, 1)
-    return padded.permute(0, 2, 3, 1)[index, rows, cols].permute(0, 3, 1, 2)  # channels ride along
+    cols = left + torch.where(flip.view(-1, 1, 1), offsets.flip(0), offsets).view(-1, 1, size)
+    index = torch.arange(len(padded), device=padded.device).view(-1, 1, 1)
+    return padded.permute(0, 2, 3, 1)[index, top + offsets.view(1, size, 1), cols].permute(0, 3, 1, 2)
 
 
 def batch_cutout(images, size):
     """Cutout (DeVries and Taylor, 2017): each image with a random size x size square, wholly
     inside it, set to zero, which after normalization is the mean color."""
     top, left = random_corners(images, size)
-    rows = torch.arange(images.shape[-2], device=images.device).view(1, -1, 1)
-    cols = torch.arange(images.shape[-1], device=images.device).view(1, 1, -1)
+    rows, cols = (torch.arange(32, device=images.device).view(shape) for shape in ((1, -1, 1), (1, 1, -1)))
     inside = (rows >= top) & (rows < top + size) & (cols >= left) & (cols < left + size)
     return images.clone().masked_fill_(inside.unsqueeze(1), 0)  # clone keeps the memory layout
 
@@ -260,9 +241,9 @@ class CifarLoader:
 
     def __init__(self, data_dir=None, train=True, batch_size=500, aug=None, drop_last=None,
                  shuffle=None, device=None):
-        unknown = sorted(set(aug or {}) - {'flip', 'translate', 'cutout'})
-        if unknown:
-            raise UserError(f'unknown augmentation {", ".join(unknown)}; known: flip, translate, cutout')
+        if set(aug or {}) - {'flip', 'translate', 'cutout'}:
+            raise UserError(f'unknown augmentation {", ".join(sorted(set(aug) - {"flip", "translate", "cutout"}))}; '
+                            f'known: flip, translate, cutout')
         self.data_dir = data_dir or default_data_dir()
         data = load_cifar10(self.data_dir, train)
         self.device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
@@ -273,15 +254,14 @@ class CifarLoader:
         self.epoch, self.prepared_for = 0, None
 
     def __len__(self):
-        return len(self.images) // self.batch_size if self.drop_last else math.ceil(len(self.images) / self.batch_size)
+        return (len(self.images) // self.batch_size if self.drop_last
+                else math.ceil(len(self.images) / self.batch_size))
 
     def normalize(self, images):
         """uint8 N x H x W x C -> standardized N x C x H x W in the device's precision."""
         dtype, memory_format = precision_for(self.device)
-        mean = torch.tensor(CIFAR10_MEAN, device=images.device) * 255
-        std = torch.tensor(CIFAR10_STD, device=images.device) * 255
-        standardized = ((images.float() - mean) / std).permute(0, 3, 1, 2)
-        return standardized.to(dtype).contiguous(memory_format=memory_format)
+        mean, std = (torch.tensor(stat, device=images.device) * 255 for stat in (CIFAR10_MEAN, CIFAR10_STD))
+        return ((images.float() - mean) / std).permute(0, 3, 1, 2).to(dtype).contiguous(memory_format=memory_format)
 
     def __iter__(self):
         if len(self.images) != len(self.labels):
@@ -299,8 +279,8 @@ class CifarLoader:
         if pad > 0 or flip:
             # Alternating flip: random in the first epoch, then each image the other way than in
             # the epoch before, so every two consecutive epochs hold both mirror images of each.
-            images = batch_crop_flip(images, self.images.shape[1], self.flip_parity ^ bool(self.epoch % 2)
-                                     if flip else torch.zeros_like(self.flip_parity))
+            images = batch_crop_flip(images, 32, self.flip_parity ^ bool(self.epoch % 2) if flip
+                                     else torch.zeros_like(self.flip_parity))
         if self.aug.get('cutout', 0) > 0:
             images = batch_cutout(images, self.aug['cutout'])
         self.epoch += 1
@@ -604,17 +584,15 @@ class Clock:
 
     def __exit__(self, *exc_info):
         end = self.now()
-        if self.cuda:
-            torch.cuda.synchronize()
-        self.seconds += self.start.elapsed_time(end) / 1000 if self.cuda else end - self.start
+        self.seconds += (torch.cuda.synchronize() or self.start.elapsed_time(end) / 1000) if self.cuda \
+            else end - self.start
 
 
 def print_row(cells, head=False, rule=False):
-    """A row of the per-epoch table (floats to 4 places, None blank), with rules around a head row
-    and below a row with `rule`."""
-    widths = [len(column) for column in COLUMNS]
+    """A row of the per-epoch table (floats to 4 places, None blank), with rules around a head
+    row and below a row with `rule`."""
     texts = [f'{x:.4f}' if isinstance(x, float) else '' if x is None else str(x) for x in cells]
-    line = '| ' + ' | '.join(text.rjust(width) for text, width in zip(texts, widths)) + ' |'
+    line = '| ' + ' | '.join(text.rjust(len(column)) for text, column in zip(texts, COLUMNS)) + ' |'
     print(*['-' * len(line)] * head, line, *['-' * len(line)] * (head or rule), sep='\n', flush=True)
 
 
