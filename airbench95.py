@@ -115,6 +115,8 @@ def load_cifar10(data_dir=None, train=True):
         data = torch.load(path, map_location='cpu', weights_only=True)
     except OSError as exc:  # permissions, a full or failing disk: the file itself may be fine
         raise UserError(f'cannot read or build {path} ({first_line(exc)}); check the folder') from None
+    except UserError:
+        raise
     except Exception as exc:  # a truncated zip, a pickle of the wrong kind
         data = first_line(exc)
     images, labels = (data.get(key) if isinstance(data, dict) else None for key in ('images', 'labels'))
@@ -523,7 +525,7 @@ def train(hyp=hyp, train_loader=None, test_loader=None, device=None, run=None, v
                         f'{train_loader.batch_size}; lower opt.batch_size or add images')
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
-    if verbose and run in (None, 0):
+    if verbose and run in (None, 0, 'warm-up'):
         print_row(COLUMNS, head=True)
 
     model = place_on(make_net(hyp['net']), device)
@@ -596,13 +598,15 @@ def write_log(folder, info, results):
     """log.pt (this script's source, the accuracies as a tensor, all else) and summary.json (all
     else), in the format of study.py, which adds statistics. Both files are renamed into place
     together, so they never disagree: a full disk leaves both at the last complete write."""
+    with open(__file__, encoding='utf-8') as file:
+        code = file.read()
     accs = [result['tta_val_acc'] for result in results]
     n, mean = len(accs), sum(accs) / max(len(accs), 1)
-    summary = {**info, 'n': n, 'mean': mean if n else None, 'runs': results,
-               'std': math.sqrt(sum((a - mean) ** 2 for a in accs) / (n - 1)) if n > 1 else None,
-               'mean_time_seconds': sum(r['time_seconds'] for r in results) / n if n else None}
-    with open(__file__, encoding='utf-8') as file:
-        log = {**summary, 'code': file.read(), 'accs': torch.tensor(accs, dtype=torch.float64)}
+    summary = {**info, 'source_sha256': hashlib.sha256(code.encode()).hexdigest(), 'n': n,
+               'mean': mean if n else None, 'std': math.sqrt(sum((a - mean) ** 2 for a in accs) / (n - 1))
+               if n > 1 else None, 'mean_time_seconds': sum(r['time_seconds'] for r in results) / n if n else None,
+               'runs': results}
+    log = {**summary, 'code': code, 'accs': torch.tensor(accs, dtype=torch.float64)}
     try:
         atomic_write({os.path.join(folder, 'summary.json'): lambda f: f.write(json.dumps(summary, indent=2).encode()),
                       os.path.join(folder, 'log.pt'): lambda f: torch.save(log, f)})
@@ -639,7 +643,7 @@ def main(argv=None):
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%dT%H-%M-%SZ')
         folder = os.path.join('logs', name, f'{stamp}-{os.getpid()}')
         info = {'format': 'airbench-study/1', 'script': f'{name}.py', 'status': 'running',
-                'command': ' '.join(sys.argv), 'hyp': hyp, 'device': str(device), 'torch': torch.__version__,
+                'command': ' '.join(sys.argv), 'hyp': hyp, 'device': str(device), 'torch': str(torch.__version__),
                 'device_name': torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu',
                 'data_dir': os.path.abspath(args.data_dir), 'started': stamp}
         try:

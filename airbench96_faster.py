@@ -129,6 +129,8 @@ def load_cifar10(data_dir=None, train=True):
         data = torch.load(path, map_location='cpu', weights_only=True)
     except OSError as exc:  # permissions, a full or failing disk: the file itself may be fine
         raise UserError(f'cannot read or build {path} ({first_line(exc)}); check the folder') from None
+    except UserError:
+        raise
     except Exception as exc:  # a truncated zip, a pickle of the wrong kind
         data = first_line(exc)
     images, labels = (data.get(key) if isinstance(data, dict) else None for key in ('images', 'labels'))
@@ -552,6 +554,13 @@ def print_row(cells, head=False, rule=False):
     """A row of the per-epoch table (floats to 4 places, None blank), with rules around a head
     row and below a row with `rule`."""
     texts = [f'{x:.4f}' if isinstance(x, float) else '' if x is None else str(x) for x in cells]
+    line = '| ' + ' | '.join(text.rjust(len(column)) for text, column in zip(texts, COLUMNS)) + ' |'
+    print(*['-' * len(line)] * head, line, *['-' * len(line)] * (head or rule), sep='\n', flush=True)
+
+
+COLUMNS = ('run', 'epoch', 'train_loss', 'train_acc', 'val_acc', 'tta_val_acc', 'time_seconds')
+
+
 def select_hardest(proxy, proxy_optimizer, inputs, labels, loss_fn, keep, learn):
     """The `keep` examples of the batch on which the proxy's loss is highest, as (inputs, labels).
     When `learn`, the proxy also takes a gradient step on its loss over those examples; otherwise
@@ -564,13 +573,6 @@ def select_hardest(proxy, proxy_optimizer, inputs, labels, loss_fn, keep, learn)
         losses[hardest].sum().backward()
         proxy_optimizer.step()
     return inputs[hardest], labels[hardest]
-
-
-    line = '| ' + ' | '.join(text.rjust(len(column)) for text, column in zip(texts, COLUMNS)) + ' |'
-    print(*['-' * len(line)] * head, line, *['-' * len(line)] * (head or rule), sep='\n', flush=True)
-
-
-COLUMNS = ('run', 'epoch', 'train_loss', 'train_acc', 'val_acc', 'tta_val_acc', 'time_seconds')
 
 
 def train(hyp=hyp, train_loader=None, test_loader=None, device=None, run=None, verbose=True):
@@ -592,7 +594,7 @@ def train(hyp=hyp, train_loader=None, test_loader=None, device=None, run=None, v
                         f'{train_loader.batch_size}; lower opt.batch_size or add images')
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
-    if verbose and run in (None, 0):
+    if verbose and run in (None, 0, 'warm-up'):
         print_row(COLUMNS, head=True)
 
     model, train_bias, freeze_bias = compiled_net(hyp['net'], device)
@@ -683,13 +685,15 @@ def write_log(folder, info, results):
     """log.pt (this script's source, the accuracies as a tensor, all else) and summary.json (all
     else), in the format of study.py, which adds statistics. Both files are renamed into place
     together, so they never disagree: a full disk leaves both at the last complete write."""
+    with open(__file__, encoding='utf-8') as file:
+        code = file.read()
     accs = [result['tta_val_acc'] for result in results]
     n, mean = len(accs), sum(accs) / max(len(accs), 1)
-    summary = {**info, 'n': n, 'mean': mean if n else None, 'runs': results,
-               'std': math.sqrt(sum((a - mean) ** 2 for a in accs) / (n - 1)) if n > 1 else None,
-               'mean_time_seconds': sum(r['time_seconds'] for r in results) / n if n else None}
-    with open(__file__, encoding='utf-8') as file:
-        log = {**summary, 'code': file.read(), 'accs': torch.tensor(accs, dtype=torch.float64)}
+    summary = {**info, 'source_sha256': hashlib.sha256(code.encode()).hexdigest(), 'n': n,
+               'mean': mean if n else None, 'std': math.sqrt(sum((a - mean) ** 2 for a in accs) / (n - 1))
+               if n > 1 else None, 'mean_time_seconds': sum(r['time_seconds'] for r in results) / n if n else None,
+               'runs': results}
+    log = {**summary, 'code': code, 'accs': torch.tensor(accs, dtype=torch.float64)}
     try:
         atomic_write({os.path.join(folder, 'summary.json'): lambda f: f.write(json.dumps(summary, indent=2).encode()),
                       os.path.join(folder, 'log.pt'): lambda f: torch.save(log, f)})
@@ -726,7 +730,7 @@ def main(argv=None):
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%dT%H-%M-%SZ')
         folder = os.path.join('logs', name, f'{stamp}-{os.getpid()}')
         info = {'format': 'airbench-study/1', 'script': f'{name}.py', 'status': 'running',
-                'command': ' '.join(sys.argv), 'hyp': hyp, 'device': str(device), 'torch': torch.__version__,
+                'command': ' '.join(sys.argv), 'hyp': hyp, 'device': str(device), 'torch': str(torch.__version__),
                 'device_name': torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu',
                 'data_dir': os.path.abspath(args.data_dir), 'started': stamp}
         try:

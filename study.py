@@ -14,7 +14,8 @@ that defines
                          least tta_val_acc, val_acc (0 to 1) and time_seconds; `run` labels its rows
     warmup(hyp, train_loader, device, verbose=True)  optional: the untimed warm-up (compilation,
                          cuDNN autotuning) wherever the recipe needs one; it may use up the loader
-    check_hyp(hyp)       optional: raises UserError for values that would fail or make no sense
+    check_hyp(hyp)       optional: raises UserError for values of its own keys that make no sense
+                         (study.py's CHECKS cover the keys of this folder's recipes)
     UserError            optional: an exception whose message is one line that says what to do
 
 What a study does: run i is trained on a fresh training loader after torch.manual_seed(run_seed(seed,
@@ -70,7 +71,11 @@ def load_recipe(spec):
         known = sorted(f[:-3] for f in os.listdir(HERE) if f.startswith('airbench') and f.endswith('.py'))
         raise StudyError(f'no recipe {spec!r}: give a recipe file or one of {", ".join(known)}')
     name = os.path.splitext(os.path.basename(path))[0]
-    module_name = name if name not in sys.modules else f'{name}_{secrets.token_hex(4)}'
+    loaded = sys.modules.get(name)
+    if os.path.abspath(path) == os.path.abspath(getattr(loaded, '__file__', None) or '.'):
+        loaded.recipe_name = name
+        return loaded  # imported already: its compiled networks and any changes made to it hold
+    module_name = name if loaded is None else f'{name}_{secrets.token_hex(4)}'
     specification = importlib.util.spec_from_file_location(module_name, os.path.abspath(path))
     recipe = importlib.util.module_from_spec(specification)
     sys.modules[module_name] = recipe  # what torch.compile and pickle look modules up in
@@ -124,6 +129,71 @@ def override_hyp(base, overrides):
         if type(node[leaf]) is not type(old) and not same_kind:
             raise StudyError(f'{key} must be of type {type(old).__name__} (like {old!r}), not {value!r}')
     return result
+
+
+def knots_rise(knots):
+    return (len(knots) >= 2 and all(isinstance(k, (list, tuple)) and len(k) == 2
+                                    and all(isinstance(v, (int, float)) for v in k) for k in knots)
+            and knots[0][0] == 0 and knots[-1][0] == 1 and all(a[0] < b[0] for a, b in zip(knots, knots[1:])))
+
+
+def compile_backends():
+    return torch.compiler.list_backends(exclude_tags=())
+
+
+# What a value must be, for each key of any recipe (and every leaf under it), checked after --set
+# and before any time is spent; the types come from the recipe's own hyp. A recipe may add a
+# check_hyp(hyp) of its own for keys of its own.
+CHECKS = {
+    'opt.train_epochs': (lambda v: v > 0, 'positive'),
+    'opt.batch_size': (lambda v: v >= 1, 'at least 1'),
+    'opt.lr': (lambda v: v > 0, 'positive'),
+    'opt.bias_scaler': (lambda v: v > 0, 'positive'),
+    'opt.muon_lr': (lambda v: v > 0, 'positive'),
+    'opt.bias_lr': (lambda v: v > 0, 'positive'),
+    'opt.head_lr': (lambda v: v > 0, 'positive'),
+    'opt.weight_decay': (lambda v: v >= 0, 'at least 0'),
+    'opt.momentum': (lambda v: 0 <= v < 1, 'in [0, 1)'),
+    'opt.muon_momentum': (lambda v: 0 <= v < 1, 'in [0, 1)'),
+    'opt.newton_schulz_steps': (lambda v: v >= 1, 'at least 1'),
+    'opt.label_smoothing': (lambda v: 0 <= v <= 1, 'in [0, 1]'),
+    'opt.lr_knots': (knots_rise, '(fraction, multiplier) pairs with fractions rising from 0 to 1'),
+    'opt.whiten_bias_epochs': (lambda v: v >= 0, 'at least 0'),
+    'opt.lookahead_every': (lambda v: v >= 1, 'at least 1'),
+    'opt.lookahead_decay': (lambda v: 0 <= v <= 1, 'in [0, 1]'),
+    'opt.filter_keep': (lambda v: 0 < v <= 1, 'in (0, 1]'),
+    'opt.proxy_every': (lambda v: v >= 1, 'at least 1'),
+    'aug.translate': (lambda v: 0 <= v <= 31, 'between 0 and 31 pixels (reflect padding needs less than the image)'),
+    'aug.cutout': (lambda v: 0 <= v <= 32, 'between 0 and 32 pixels'),
+    'net.widths': (lambda v: v >= 1, 'at least 1'),
+    'net.proxy_widths': (lambda v: v >= 1, 'at least 1'),
+    'net.batchnorm_momentum': (lambda v: 0 <= v < 1, 'in [0, 1)'),
+    'net.whiten_images': (lambda v: v >= 1, 'at least 1'),
+    'net.whiten_eps': (lambda v: v > 0, 'positive'),
+    'net.tta_level': (lambda v: v in (0, 1, 2), '0, 1 or 2'),
+    'net.compile_backend': (lambda v: v in compile_backends(), 'one of torch.compile\'s backends'),
+    'net.compile_mode': (lambda v: v in ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs'),
+                         "one of 'default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs'"),
+}
+
+
+def check_hyp(hyp, recipe=None):
+    """Raises StudyError for the first value that CHECKS (or the recipe's check_hyp) rejects."""
+    for key in hyp_keys(hyp):
+        value = hyp
+        for name in key.split('.'):
+            value = value[name]
+        for prefix, (ok, meaning) in CHECKS.items():
+            if key == prefix or key.startswith(prefix + '.'):
+                try:
+                    valid = ok(value)
+                except TypeError:  # e.g. a list of numbers where pairs belong
+                    valid = False
+                if not valid:
+                    extra = f' ({", ".join(compile_backends())})' if prefix == 'net.compile_backend' else ''
+                    raise StudyError(f'{key} must be {meaning}{extra}, not {value!r}')
+    if recipe is not None and hasattr(recipe, 'check_hyp'):
+        recipe.check_hyp(hyp)
 
 
 def parse_overrides(assignments):
@@ -418,8 +488,7 @@ def run_study(args, argv, ranks, state):
     state['errors'], state['name'] = user_errors(recipe), recipe.recipe_name
     name = recipe.recipe_name
     study_hyp = override_hyp(recipe.hyp, parse_overrides(args.set))
-    if hasattr(recipe, 'check_hyp'):
-        recipe.check_hyp(study_hyp)
+    check_hyp(study_hyp, recipe)
     data_dir = args.data_dir or os.environ.get('CIFAR10_DIR') or 'cifar10'
     if os.path.isfile(data_dir) or (not os.path.isdir(data_dir) and data_dir != 'cifar10'):
         raise StudyError(f'--data-dir {data_dir} is not a folder; correct it, or create it to download '

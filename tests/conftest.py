@@ -3,6 +3,7 @@
 A recipe script joins the whole suite by getting an entry in RECIPES.
 """
 import importlib
+import json
 import os
 import sys
 
@@ -11,6 +12,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import study  # noqa: E402  (a top-level script, like the recipes)
 REAL_DATA_DIR = os.environ.get('CIFAR10_DIR')
 UNREACHABLE_URL = 'http://127.0.0.1:9/cifar-10-binary.tar.gz'  # port 9 (discard) refuses at once
 
@@ -200,7 +202,7 @@ def tiny_set_args(recipe):
 def tiny_hyp(recipe, **overrides):
     """The recipe's hyp at test size; keyword overrides use '__' for '.' (opt__lr=1.0)."""
     extra = {key.replace('__', '.'): value for key, value in overrides.items()}
-    return recipe.override_hyp(recipe.hyp, {**tiny_overrides(recipe), **extra})
+    return study.override_hyp(recipe.hyp, {**tiny_overrides(recipe), **extra})
 
 
 def write_cache(folder, n_train=TINY_TRAIN_IMAGES, n_test=TINY_TEST_IMAGES, seed=0):
@@ -234,10 +236,11 @@ def subset(loader, index):
     return loader
 
 
-def run_main(recipe, capsys, *argv):
-    """Runs recipe.main(argv) in this process: (exit status, stdout, stderr)."""
+def run_main(program, capsys, *argv):
+    """Runs program.main(argv) in this process (a recipe's record attempt, or study.py's):
+    (exit status, stdout, stderr)."""
     try:
-        recipe.main(list(argv))
+        program.main(list(argv))
         status = 0
     except SystemExit as exc:
         status = exc.code
@@ -250,11 +253,29 @@ def assert_one_line(message):
     assert message.strip() and message.rstrip('\n').count('\n') == 0 and 'Traceback' not in message
 
 
+def study_args(recipe, data_dir, log_dir, *extra, device='cpu'):
+    """study.py's arguments for a study of the recipe at test size."""
+    return [recipe.__name__, '--data-dir', str(data_dir), '--log-dir', str(log_dir), '--device', device,
+            *tiny_set_args(recipe), *extra]
+
+
 def failed_study(recipe, capsys, data_dir, log_dir, *args):
-    """recipe.main on data_dir with args, which must fail before the study starts: one line on
-    stderr and no log. Returns (exit status, stderr)."""
-    status, _, err = run_main(recipe, capsys, '--data-dir', data_dir, '--log-dir', str(log_dir), *args)
+    """study.py on the recipe and data_dir with args, which must fail before the study starts: one
+    line on stderr and no log. Returns (exit status, stderr)."""
+    status, _, err = run_main(study, capsys, recipe.__name__, '--data-dir', str(data_dir),
+                              '--log-dir', str(log_dir), *args)
     assert status != 0
     assert_one_line(err)
     assert not os.path.exists(os.path.join(log_dir, recipe.__name__))
     return status, err
+
+
+def only_log(log_dir, name):
+    """The one study folder under log_dir/name."""
+    [folder] = os.listdir(os.path.join(log_dir, name))
+    return os.path.join(log_dir, name, folder)
+
+
+def read_summary(folder):
+    with open(os.path.join(folder, 'summary.json')) as file:
+        return json.load(file)

@@ -1,0 +1,126 @@
+"""Each recipe's own main, the record attempt: its few options, its table and statistics, its log in
+study.py's format, and a stop (SIGTERM, Ctrl-C, a full disk) that keeps every finished run."""
+import errno
+import glob
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import compare
+from conftest import ROOT, assert_one_line, only_log, read_summary, run_main, tiny_hyp
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture
+def tiny_recipe(recipe, monkeypatch, tmp_path):
+    """The recipe with its hyp at test size, run from an empty folder (main logs to ./logs)."""
+    monkeypatch.setattr(recipe, 'hyp', tiny_hyp(recipe))
+    monkeypatch.chdir(tmp_path)
+    return recipe
+
+
+def test_record_attempt_on_tiny_data(tiny_recipe, tiny_data, tmp_path, capsys):
+    status, out, err = run_main(tiny_recipe, capsys, '--runs', '2', '--data-dir', tiny_data, '--device', 'cpu')
+    name = tiny_recipe.__name__
+    folder = only_log(tmp_path / 'logs', name)
+    assert status == 0 and err == ''
+    assert re.findall(r'^\|\s+(\S+) \|\s+eval \|', out, re.MULTILINE) == [*['warm-up'] * ('warm-up' in out), '0', '1']
+    assert f'{name}: 2 runs, mean TTA accuracy' in out and 'std' in out
+    assert os.path.relpath(folder, tmp_path) in out
+    summary = read_summary(folder)
+    assert summary['format'] == 'airbench-study/1' and summary['status'] == 'complete'
+    assert summary['n'] == 2 and [run['run'] for run in summary['runs']] == [0, 1]
+    assert summary['hyp']['opt']['batch_size'] == 32 and summary['device'] == 'cpu'
+    log = torch.load(os.path.join(folder, 'log.pt'), weights_only=True)
+    with open(tiny_recipe.__file__) as file:
+        assert log['code'] == file.read()
+    assert log['accs'].tolist() == [run['tta_val_acc'] for run in summary['runs']]
+    # A run's logged seed repeats it.
+    torch.manual_seed(summary['runs'][1]['seed'])
+    loader = tiny_recipe.CifarLoader(tiny_data, True, 32, tiny_recipe.hyp['aug'], device='cpu')
+    _, again = tiny_recipe.train(tiny_recipe.hyp, loader, None, 'cpu', verbose=False)
+    assert again['train_loss'] == summary['runs'][1]['train_loss']
+    assert compare.read_study(folder)['n'] == 2  # compare.py reads the recipe's log as study.py's
+
+
+def test_help_and_bad_options(tiny_recipe, tmp_path, capsys):
+    status, out, _ = run_main(tiny_recipe, capsys, '--help')
+    assert status == 0 and all(option in out for option in ('--runs', '--data-dir', '--device', 'study.py'))
+    assert '--set' not in out and out.count('\n') < 30  # a record attempt has few options
+    (tmp_path / 'file').write_text('')
+    for args, message in [(['--runs', '0'], '--runs must be at least 1'),
+                          (['--data-dir', str(tmp_path / 'missing')], 'is not a folder'),
+                          (['--data-dir', str(tmp_path / 'file')], 'is not a folder'),
+                          (['--device', 'tpu'], 'cannot use --device tpu')]:
+        status, _, err = run_main(tiny_recipe, capsys, *args)
+        assert status == 1 and message in err and err.startswith(f'{tiny_recipe.__name__}.py: error: ')
+        assert_one_line(err)
+    assert not (tmp_path / 'logs').exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='this machine has CUDA')
+def test_cuda_without_cuda(tiny_recipe, tiny_data, capsys):
+    status, _, err = run_main(tiny_recipe, capsys, '--data-dir', tiny_data, '--device', 'cuda')
+    assert status == 1 and 'cannot use --device cuda' in err and 'try --device cpu' in err
+    assert_one_line(err)
+
+
+def test_full_disk_keeps_the_last_complete_log(tiny_recipe, tiny_data, tmp_path, capsys, monkeypatch):
+    real_save, saves = torch.save, []
+
+    def save_until_full(obj, file, *args, **kwargs):
+        saves.append(obj)
+        if len(saves) > 2 and 'code' in obj:  # the log at creation and after run 0 fit
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        return real_save(obj, file, *args, **kwargs)
+    monkeypatch.setattr(torch, 'save', save_until_full)
+    status, _, err = run_main(tiny_recipe, capsys, '--runs', '3', '--data-dir', tiny_data, '--device', 'cpu')
+    monkeypatch.setattr(torch, 'save', real_save)
+    folder = only_log(tmp_path / 'logs', tiny_recipe.__name__)
+    assert status == 1 and 'No space left on device' in err and '1 finished run(s) kept in' in err
+    assert_one_line(err)
+    summary, log = read_summary(folder), torch.load(os.path.join(folder, 'log.pt'), weights_only=True)
+    assert summary['n'] == log['n'] == 1 and summary['runs'] == log['runs']
+    assert not glob.glob(os.path.join(folder, '*.tmp'))
+
+
+@pytest.mark.parametrize('signal_number, status, name', [(signal.SIGTERM, 143, 'SIGTERM'),
+                                                          (signal.SIGINT, 130, 'SIGINT')])
+def test_stopped_record_attempt_keeps_finished_runs(recipe, tiny_data, tmp_path, signal_number, status, name):
+    """The real process, tiny, stopped after its first run: one line, the log marked interrupted."""
+    if name == 'SIGINT' and recipe.__name__ != 'airbench94':
+        pytest.skip('Ctrl-C takes the same path in every recipe; SIGTERM is checked for each')
+    wrapper = tmp_path / 'tiny_record_attempt.py'
+    wrapper.write_text(f'import sys\nsys.path[:0] = [{ROOT!r}, {TESTS!r}]\nimport conftest\n'
+                       f'import {recipe.__name__} as recipe\nrecipe.hyp = conftest.tiny_hyp(recipe)\n'
+                       f'recipe.main()\n')
+    process = subprocess.Popen([sys.executable, str(wrapper), '--runs', '500', '--data-dir', tiny_data,
+                                '--device', 'cpu'], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+    def finished_runs():
+        summaries = glob.glob(str(tmp_path / 'logs' / recipe.__name__ / '*' / 'summary.json'))
+        return read_summary(os.path.dirname(summaries[0]))['n'] if summaries else 0
+    try:
+        deadline = time.monotonic() + 300
+        while finished_runs() < 1 and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert finished_runs() >= 1 and process.poll() is None, 'no run finished in time to stop'
+        process.send_signal(signal_number)
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    folder = only_log(tmp_path / 'logs', recipe.__name__)
+    summary = read_summary(folder)
+    assert process.returncode == status
+    assert_one_line(err)
+    assert f'interrupted ({name}); {summary["n"]} finished run(s) kept in {os.path.relpath(folder, tmp_path)}' in err
+    assert summary['status'] == 'interrupted' and 1 <= summary['n'] < 500

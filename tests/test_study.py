@@ -1,0 +1,352 @@
+"""study.py, once: the command line, --set, seeds, the log, statistics, recipes by path, and every
+failure's one-line message (torchrun: test_distributed.py)."""
+import errno
+import glob
+import importlib
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import study
+from conftest import (RECIPES, ROOT, assert_one_line, failed_study, only_log, read_summary, run_main,
+                      study_args, tiny_set_args)
+
+SEEDED = ('--seed', '7', '--set', 'opt.label_smoothing=0.1')
+
+
+@pytest.fixture
+def airbench94():
+    return importlib.import_module('airbench94')
+
+
+@pytest.fixture
+def two_runs(airbench94, tiny_data, tmp_path, capsys):
+    """A complete two-run study of airbench94 through study.main, on tiny data on the CPU."""
+    status, out, err = run_main(study, capsys, *study_args(airbench94, tiny_data, tmp_path, '--runs', '2', *SEEDED))
+    return status, out, err, only_log(tmp_path, 'airbench94')
+
+
+def run_study_process(*args, stdout=subprocess.PIPE, script=os.path.join(ROOT, 'study.py')):
+    """study.py as a process of its own, its stderr (and stdout) piped as text. It gets the default
+    SIGINT action even where this process ignores SIGINT, as a background job does."""
+    return subprocess.Popen([sys.executable, script, *args], stdout=stdout, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def test_study_prints_table_and_statistics(two_runs):
+    status, out, err, _ = two_runs
+    assert status == 0 and err == ''
+    assert out.count(' eval |') == 2 and out.count('run | epoch') == 1
+    assert 'airbench94: 2 runs, mean TTA accuracy' in out and '95% CI' in out and 'mean time' in out
+
+
+@pytest.mark.parametrize('name', list(RECIPES))
+def test_study_runs_every_recipe(name, tiny_data, tmp_path, capsys):
+    recipe = importlib.import_module(name)
+    status, out, err = run_main(study, capsys, *study_args(recipe, tiny_data, tmp_path, '--runs', '1'))
+    assert status == 0 and err == ''
+    assert f'{name}: 1 run, mean TTA accuracy' in out  # one run: 'run', not 'runs'
+    assert read_summary(only_log(tmp_path, name))['n'] == 1
+
+
+def test_study_log_contents(airbench94, two_runs):
+    *_, folder = two_runs
+    summary = read_summary(folder)
+    assert summary['format'] == study.LOG_FORMAT and summary['status'] == 'complete'
+    assert summary['script'] == 'airbench94.py' and summary['n'] == 2
+    assert summary['recipe_path'] == os.path.join(ROOT, 'airbench94.py')
+    assert summary['hyp']['opt']['label_smoothing'] == 0.1 and summary['hyp']['opt']['batch_size'] == 32
+    assert summary['seed'] == 7
+    assert [run['seed'] for run in summary['runs']] == [study.run_seed(7, i) for i in range(2)]
+    accs = [run['tta_val_acc'] for run in summary['runs']]
+    assert summary['mean'] == pytest.approx(sum(accs) / 2)
+    assert summary['std'] == pytest.approx(abs(accs[0] - accs[1]) / math.sqrt(2))
+    assert summary['torch'] == torch.__version__ and summary['device'] == 'cpu'
+    assert summary['data']['train_images'] == 256 and summary['data']['test_images'] == 128
+    assert '--runs 2' in summary['command'] and 'code' not in summary
+    log = torch.load(os.path.join(folder, 'log.pt'), weights_only=True)
+    with open(airbench94.__file__) as file:
+        assert log['code'] == file.read()
+    assert torch.equal(log['accs'], torch.tensor(accs, dtype=torch.float64))
+    assert {key: log[key] for key in summary if key != 'hyp'} == {k: v for k, v in summary.items() if k != 'hyp'}
+    assert not [name for name in os.listdir(folder) if name.endswith('.tmp')]
+
+
+def test_same_seed_same_study(airbench94, two_runs, tiny_data, tmp_path, capsys):
+    *_, folder = two_runs
+    again = tmp_path / 'again'
+    run_main(study, capsys, *study_args(airbench94, tiny_data, again, '--runs', '1', *SEEDED))
+    first, repeat = read_summary(folder)['runs'][0], read_summary(only_log(again, 'airbench94'))['runs'][0]
+    assert first['seed'] == repeat['seed'] and first['train_loss'] == repeat['train_loss']
+    assert first['tta_val_acc'] == repeat['tta_val_acc']
+
+
+@pytest.mark.parametrize('signal_number, status, name', [(signal.SIGINT, 130, 'SIGINT'),
+                                                          (signal.SIGTERM, 143, 'SIGTERM')])
+def test_stopped_study_keeps_finished_runs(airbench94, tiny_data, tmp_path, signal_number, status, name):
+    """A real Ctrl-C or SIGTERM (a scheduler, timeout, kill) mid-study: one line naming the log,
+    the finished runs kept, the log marked interrupted."""
+    process = run_study_process(*study_args(airbench94, tiny_data, tmp_path, '--runs', '500'),
+                                stdout=subprocess.DEVNULL)
+
+    def finished_runs():
+        summaries = glob.glob(os.path.join(tmp_path, 'airbench94', '*', 'summary.json'))
+        return read_summary(os.path.dirname(summaries[0]))['n'] if summaries else 0
+    try:
+        deadline = time.monotonic() + 300
+        while finished_runs() < 1 and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert finished_runs() >= 1 and process.poll() is None, 'no run finished in time to interrupt'
+        process.send_signal(signal_number)
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()  # a study of 500 runs must not outlive a failed test
+    folder = only_log(tmp_path, 'airbench94')
+    summary = read_summary(folder)
+    assert process.returncode == status
+    assert_one_line(err)
+    assert f'interrupted ({name})' in err and folder in err and f'{summary["n"]} finished run(s)' in err
+    assert summary['status'] == 'interrupted' and 1 <= summary['n'] == len(summary['runs']) < 500
+
+
+def test_full_disk_mid_study(airbench94, tiny_data, tmp_path, capsys, monkeypatch):
+    """The disk fills while the log is rewritten after run 1: one line, and summary.json and
+    log.pt both hold their last complete write (run 0), never a mix."""
+    real_save, saves = torch.save, []
+
+    def save_until_full(obj, file, *args, **kwargs):
+        saves.append(obj)
+        if len(saves) > 2:  # the log at creation, after run 0, then the disk is full
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        return real_save(obj, file, *args, **kwargs)
+    monkeypatch.setattr(torch, 'save', save_until_full)
+    status, _, err = run_main(study, capsys, *study_args(airbench94, tiny_data, tmp_path, '--runs', '3'))
+    monkeypatch.setattr(torch, 'save', real_save)
+    folder = only_log(tmp_path, 'airbench94')
+    assert status == 1
+    assert_one_line(err)
+    assert 'No space left on device' in err and folder in err
+    summary, log = read_summary(folder), torch.load(os.path.join(folder, 'log.pt'), weights_only=True)
+    assert summary['n'] == log['n'] == 1 and summary['status'] == log['status'] == 'running'
+    assert summary['runs'] == log['runs'] and not glob.glob(os.path.join(folder, '*.tmp'))
+
+
+def test_set_overrides(airbench94):
+    parsed = study.parse_overrides(['opt.train_epochs=10', 'aug.flip=False', "net.widths={'block1': 96}",
+                                    'opt.lr_knots=((0, 0.2), (0.1, 1), (1, 0))', 'net.compile_mode=default'])
+    assert parsed['net.compile_mode'] == 'default'  # not a literal: a string
+    del parsed['net.compile_mode']
+    new = study.override_hyp(airbench94.hyp, parsed)
+    assert new['opt']['train_epochs'] == 10.0 and isinstance(new['opt']['train_epochs'], float)
+    assert new['aug']['flip'] is False and new['net']['widths']['block1'] == 96
+    assert new['net']['widths']['block2'] == airbench94.hyp['net']['widths']['block2']
+    assert airbench94.lr_multiplier(0.1, new['opt']['lr_knots']) == pytest.approx(1)
+    assert airbench94.hyp['net']['widths']['block1'] == 64 and airbench94.hyp['aug']['flip']  # untouched
+
+
+@pytest.mark.parametrize('overrides, message', [
+    ({'opt.learning_rate': 1.0}, 'unknown hyp key'),
+    ({'net.widths.block4': 8}, 'unknown hyp key'),
+    ({'opt.batch_size': 512.5}, 'opt.batch_size must be of type int'),
+    ({'aug.flip': 'yes'}, 'aug.flip must be of type bool'),
+])
+def test_bad_overrides(airbench94, overrides, message):
+    with pytest.raises(study.StudyError, match=message):
+        study.override_hyp(airbench94.hyp, overrides)
+
+
+def test_unknown_key_lists_valid_ones(airbench94):
+    with pytest.raises(study.StudyError) as error:
+        study.override_hyp(airbench94.hyp, {'opt.nope': 1})
+    assert 'opt.batch_size' in str(error.value) and 'net.widths.block1' in str(error.value)
+
+
+@pytest.mark.parametrize('name', list(RECIPES))
+def test_every_recipe_hyp_passes_the_checks(name):
+    study.check_hyp(importlib.import_module(name).hyp)
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--set', 'opt.momentum'], '--set expects KEY=VALUE'),
+    (['--set', 'opt.momentum=1.5'], 'opt.momentum must be in [0, 1)'),
+    (['--set', 'net.tta_level=3'], 'net.tta_level must be 0, 1 or 2'),
+    (['--set', 'aug.translate=40'], 'aug.translate must be between 0 and 31 pixels'),
+    (['--set', 'net.widths.block2=0'], 'net.widths.block2 must be at least 1'),
+    (['--set', 'opt.momentumm=1'], 'unknown hyp key'),
+    (['--set', 'opt.lr_knots=[1, 2]'], 'opt.lr_knots must be (fraction, multiplier) pairs'),
+    (['--set', 'opt.momentum=fast'], "opt.momentum must be of type float"),
+    (['--runs', '0'], '--runs must be at least 1'),
+    (['--runs', 'many'], "invalid int value: 'many'"),
+    (['--device', 'tpu'], "unknown device 'tpu'"),
+    (['--data-dir', '/no/such/folder'], '--data-dir /no/such/folder is not a folder'),
+    (['--data-dir', os.path.join(ROOT, 'study.py')], 'is not a folder'),
+])
+def test_bad_arguments_fail_in_one_line(airbench94, tiny_data, tmp_path, capsys, args, message):
+    status, err = failed_study(airbench94, capsys, tiny_data, tmp_path, *args)
+    assert status in (1, 2) and message in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='this machine has CUDA')
+def test_cuda_without_cuda(airbench94, tiny_data, tmp_path, capsys):
+    status, err = failed_study(airbench94, capsys, tiny_data, tmp_path, '--device', 'cuda')
+    assert status == 1 and 'sees no CUDA GPU' in err and '--device cpu' in err
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.gpu
+def test_cuda_study_warms_up_first(airbench94, tiny_data, tmp_path, capsys):
+    status, out, _ = run_main(study, capsys, *study_args(airbench94, tiny_data, tmp_path, '--runs', '1', device='cuda'))
+    assert status == 0 and 'warm-up run on random labels' in out and out.count(' eval |') == 2
+    assert read_summary(only_log(tmp_path, 'airbench94'))['n'] == 1
+    status, out, _ = run_main(study, capsys, *study_args(airbench94, tiny_data, tmp_path / 'no', '--runs', '1',
+                                                         '--no-warmup', device='cuda'))
+    assert status == 0 and 'warm-up' not in out and out.count(' eval |') == 1
+
+
+def test_missing_data_offline(airbench94, tmp_path, capsys, monkeypatch):
+    from conftest import go_offline
+    offline = go_offline(monkeypatch, airbench94, 'CIFAR10_URL')
+    (tmp_path / 'empty').mkdir()
+    status, _, err = run_main(study, capsys, 'airbench94', '--data-dir', str(tmp_path / 'empty'),
+                              '--device', 'cpu', '--log-dir', str(tmp_path / 'logs'))
+    progress, error = err.split('\n', 1)  # a 'downloading ...' note, then the error
+    assert status == 1 and progress.startswith('downloading')
+    assert_one_line(error)
+    assert offline in error and str(tmp_path / 'empty') in error and not (tmp_path / 'logs').exists()
+
+
+def test_damaged_cache(tiny_data, tmp_path, capsys):
+    data_dir = tmp_path / 'data'
+    data_dir.mkdir()
+    (data_dir / 'train.pt').write_bytes(b'broken')
+    os.symlink(os.path.join(tiny_data, 'test.pt'), data_dir / 'test.pt')
+    status, _, err = run_main(study, capsys, 'airbench94', '--data-dir', str(data_dir), '--device', 'cpu',
+                              '--log-dir', str(tmp_path / 'logs'))
+    assert status == 1 and str(data_dir / 'train.pt') in err and 'delete it' in err
+    assert_one_line(err)
+    assert not os.path.exists(tmp_path / 'logs')
+
+
+@pytest.mark.parametrize('below_a_file', [False, True])
+def test_log_dir_that_cannot_hold_a_log(airbench94, tiny_data, tmp_path, capsys, below_a_file):
+    (tmp_path / 'a_file').write_text('')
+    log_dir = tmp_path / 'a_file' / 'below' if below_a_file else tmp_path / 'a_file'
+    status, _, err = run_main(study, capsys, *study_args(airbench94, tiny_data, log_dir, '--runs', '1'))
+    assert status == 1 and 'cannot create the log folder' in err and 'writable --log-dir' in err
+    assert_one_line(err)
+
+
+def test_unwritable_log_dir(airbench94, tiny_data, tmp_path, capsys, monkeypatch):
+    """What a folder without write permission gives (root, who runs CI, may write anywhere)."""
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(errno.EACCES, 'Permission denied', path)
+    monkeypatch.setattr(study.os, 'makedirs', refuse)
+    status, _, err = run_main(study, capsys, *study_args(airbench94, tiny_data, tmp_path, '--runs', '1'))
+    assert status == 1 and 'Permission denied' in err and 'writable --log-dir' in err
+    assert_one_line(err)
+
+
+def test_a_diverging_run_is_one_clear_line(airbench94, tiny_data, tmp_path, capsys):
+    status, _, err = run_main(study, capsys, *study_args(airbench94, tiny_data, tmp_path, '--runs', '2',
+                                                        '--set', 'opt.lr=1e30'))
+    assert status == 1 and 'training diverged: the loss is nan' in err and 'opt.lr' in err
+    assert err.count('\n') == 1 and '0 finished run(s) kept in' in err
+    assert read_summary(only_log(tmp_path, 'airbench94'))['status'] == 'failed'
+
+
+def test_edited_copy_of_a_recipe_runs_by_path(tiny_data, tmp_path, capsys):
+    """A researcher's edited copy, alone in another folder, runs unchanged; its log is its own."""
+    folder = tmp_path / 'research'
+    folder.mkdir()
+    with open(os.path.join(ROOT, 'airbench94.py')) as file:
+        source = file.read().replace("'label_smoothing': 0.2,", "'label_smoothing': 0.15,")
+    (folder / 'my_airbench.py').write_text(source)
+    recipe = importlib.import_module('airbench94')
+    args = study_args(recipe, tiny_data, tmp_path / 'logs', '--runs', '1')
+    status, out, err = run_main(study, capsys, str(folder / 'my_airbench.py'), *args[1:])
+    assert status == 0 and err == '' and 'my_airbench: 1 run' in out
+    summary = read_summary(only_log(tmp_path / 'logs', 'my_airbench'))
+    assert summary['hyp']['opt']['label_smoothing'] == 0.15 and summary['script'] == 'my_airbench.py'
+    log = torch.load(os.path.join(only_log(tmp_path / 'logs', 'my_airbench'), 'log.pt'), weights_only=True)
+    assert log['code'] == source
+
+
+@pytest.mark.parametrize('content, message', [
+    ('hyp = {}\n', 'is not a recipe: it lacks CifarLoader, train'),
+    ('raise ImportError("no module named apex")\n', 'cannot load the recipe'),
+])
+def test_not_a_recipe(tmp_path, capsys, content, message):
+    (tmp_path / 'not_a_recipe.py').write_text(content)
+    status, _, err = run_main(study, capsys, str(tmp_path / 'not_a_recipe.py'))
+    assert status == 1 and message in err
+    assert_one_line(err)
+    status, _, err = run_main(study, capsys, 'airbench97')
+    assert status == 1 and "no recipe 'airbench97'" in err and 'airbench94' in err
+
+
+def test_help_explains_every_option(capsys):
+    status, out, _ = run_main(study, capsys, '--help')
+    assert status == 0
+    for option in ('--runs', '--data-dir', '--device', '--log-dir', '--seed', '--no-warmup', '--set', 'torchrun'):
+        assert option in out
+    assert 'CIFAR10_DIR' in out and 'KEY=VALUE' in out and 'recipe contract' in out
+    status, out, _ = run_main(study, capsys, 'airbench94_muon', '--help')
+    keys = out.split('--set keys of airbench94_muon: ')[1]
+    assert status == 0 and 'opt.muon_lr' in keys and 'opt.lr,' not in keys
+
+
+def test_process_exit_status_and_stderr(tmp_path):
+    """The real process, not main() in-process: a non-zero status and one line, no traceback."""
+    out, err = run_study_process('airbench94', '--data-dir', str(tmp_path), '--set', 'opt.nope=1').communicate(timeout=120)
+    assert out == '' and err.startswith('study.py: error: unknown hyp key')
+    assert_one_line(err)
+
+
+@pytest.mark.parametrize('module', ['study', *RECIPES])
+def test_import_has_no_side_effects(module, tmp_path):
+    """Importing reads no argv, loads no data, prints nothing and writes nothing."""
+    code = f'import sys; sys.argv = ["x", "--runs", "0"]; import {module}'
+    path = os.pathsep.join([ROOT, os.environ.get('PYTHONPATH', '')])
+    done = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, 'PYTHONPATH': path})
+    assert done.returncode == 0 and done.stdout == '' and done.stderr == '' and os.listdir(tmp_path) == []
+
+
+def test_student_t_critical_values():
+    # Reference values from any table of Student's t (two-sided 95%).
+    for df, t in [(1, 12.7062), (2, 4.3027), (4, 2.7764), (9, 2.2622), (24, 2.0639), (999, 1.9623)]:
+        assert study.t_critical(df) == pytest.approx(t, abs=1e-4)
+
+
+def test_summary_statistics():
+    results = [{'tta_val_acc': a, 'val_acc': a - 0.01, 'time_seconds': t}
+               for a, t in [(0.93, 3.0), (0.94, 4.0), (0.95, 5.0)]]
+    stats = study.summarize(results)
+    assert stats['n'] == 3 and stats['mean'] == pytest.approx(0.94)
+    assert stats['std'] == pytest.approx(0.01) and stats['mean_time_seconds'] == pytest.approx(4.0)
+    half_width = 4.3027 * 0.01 / math.sqrt(3)
+    assert stats['ci95'] == pytest.approx([0.94 - half_width, 0.94 + half_width], abs=1e-6)
+    single = study.summarize(results[:1])
+    assert single['std'] is None and single['ci95'] is None and single['mean'] == 0.93
+    assert study.format_summary('x', single).startswith('x: 1 run, mean TTA accuracy 93.00%')
+
+
+def test_run_seeds_are_distinct():
+    seeds = [study.run_seed(base, i) for base in (0, 1) for i in range(100)]
+    assert len(set(seeds)) == 200 and all(0 <= s < 2 ** 63 for s in seeds)
+
+
+def test_recipe_by_name_does_not_shadow_a_loaded_module(tmp_path):
+    """An edited copy whose file name is that of a recipe already imported gets a module of its own."""
+    shutil.copy(os.path.join(ROOT, 'airbench95.py'), tmp_path / 'airbench94.py')
+    importlib.import_module('airbench94')
+    copy = study.load_recipe(str(tmp_path / 'airbench94.py'))
+    assert copy is not sys.modules['airbench94'] and copy.recipe_name == 'airbench94'
+    assert copy.hyp['opt']['train_epochs'] == 15.0
