@@ -611,7 +611,7 @@ def write_log(folder, info, results):
         atomic_write({os.path.join(folder, 'summary.json'): lambda f: f.write(json.dumps(summary, indent=2).encode()),
                       os.path.join(folder, 'log.pt'): lambda f: torch.save(log, f)})
     except OSError as exc:
-        raise UserError(f'cannot write the log ({first_line(exc)}); it keeps its last complete write') from None
+        raise UserError(f'cannot write the log ({first_line(exc)})') from None
     return summary
 
 
@@ -654,15 +654,16 @@ def main(argv=None):
         for run in range(args.runs):
             seed = torch.seed()  # logged, so that any run can be repeated
             loader = CifarLoader(args.data_dir, True, hyp['opt']['batch_size'], hyp['aug'], device=device)
-            results.append({'run': run, 'seed': seed, **train(hyp, loader, None, device, run=run)[1]})
-            write_log(folder, info, results)
+            result = {'run': run, 'seed': seed, **train(hyp, loader, None, device, run=run)[1]}
+            write_log(folder, info, results + [result])  # a run counts once it is on disk
+            results.append(result)
         summary = write_log(folder, {**info, 'status': 'complete'}, results)
         print(f'{name}: {summary["n"]} run{"s" * (summary["n"] > 1)}, mean TTA accuracy '
               f'{100 * summary["mean"]:.2f}%, std {100 * (summary["std"] or 0):.2f}, mean time '
               f'{summary["mean_time_seconds"]:.3f} s; log {folder}')
     except (UserError, KeyboardInterrupt) as exc:
         interrupted = isinstance(exc, KeyboardInterrupt)
-        message = f'interrupted ({exc or "SIGINT"})' if interrupted else f'error: {exc}'
+        message = f'interrupted ({str(exc) or "SIGINT"})' if interrupted else f'error: {exc}'
         if folder and os.path.isdir(folder):
             with contextlib.suppress(UserError):
                 write_log(folder, {**info, 'status': 'interrupted' if interrupted else 'failed'}, results)

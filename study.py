@@ -318,8 +318,8 @@ class StudyLog:
         self.write()
 
     def add(self, result):
+        self.write(self.results + [result])  # a run counts once it is on disk
         self.results.append(result)
-        self.write()
 
     def close(self, status):
         """Marks the log; a failure to write is left for the caller's message, not raised."""
@@ -327,20 +327,20 @@ class StudyLog:
         with contextlib.suppress(StudyError):
             self.write()
 
-    def summary(self):
-        return {**self.info, **summarize(self.results), 'runs': self.results}
+    def summary(self, results=None):
+        results = self.results if results is None else results
+        return {**self.info, **summarize(results), 'runs': results}
 
-    def write(self):
-        summary = self.summary()
+    def write(self, results=None):
+        summary = self.summary(results)
         text = json.dumps(summary, indent=2) + '\n'
-        accs = torch.tensor([r['tta_val_acc'] for r in self.results], dtype=torch.float64)
+        accs = torch.tensor([r['tta_val_acc'] for r in summary['runs']], dtype=torch.float64)
         log = {**summary, 'code': self.source, 'accs': accs}
         try:
             atomic_write({os.path.join(self.dir, 'summary.json'): lambda file: file.write(text.encode()),
                           os.path.join(self.dir, 'log.pt'): lambda file: torch.save(log, file)})
         except OSError as exc:  # a full disk: both files keep their last complete write
-            raise StudyError(f'cannot write the log in {self.dir} ({first_line(exc)}); it keeps '
-                             f'{len(self.results) - 1} run(s) from its last complete write') from None
+            raise StudyError(f'cannot write the log ({first_line(exc)})') from None
 
 
 def data_fingerprint(train_loader, test_loader):

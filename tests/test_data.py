@@ -96,8 +96,8 @@ def test_md5_mismatch_removes_the_file(recipe, tmp_path):
 
 
 @pytest.mark.parametrize('damage, problem', [
-    (lambda raw: raw[:-1], 'are not whole 3073-byte records'),
-    (lambda raw: bytes([10]) + raw[1:], 'label 10 is not a CIFAR-10 class'),
+    (lambda raw: raw[:-1], "shape '[-1, 3073]' is invalid"),  # not whole 3073-byte records
+    (lambda raw: bytes([10]) + raw[1:], 'labels above 9'),
 ])
 def test_tarball_with_bad_records(recipe, tmp_path, monkeypatch, damage, problem):
     path = tmp_path / 'cifar-10-binary.tar.gz'
@@ -106,6 +106,67 @@ def test_tarball_with_bad_records(recipe, tmp_path, monkeypatch, damage, problem
     with pytest.raises(recipe.UserError, match='not a readable CIFAR-10 binary tarball') as error:
         recipe.load_cifar10(str(tmp_path))
     assert problem in str(error.value) and not (tmp_path / 'test.pt').exists()
+
+
+def test_data_dir_that_is_a_file(recipe, tmp_path):
+    (tmp_path / 'cifar10').write_text('')
+    with pytest.raises(recipe.UserError, match='is a file; give the folder of the CIFAR-10 cache'):
+        recipe.load_cifar10(str(tmp_path / 'cifar10'))
+
+
+def test_folder_without_permission_is_not_a_missing_download(recipe, tiny_data, monkeypatch):
+    """A folder this user may not look into makes its files look absent: it must say so, not offer
+    a download (root, who runs CI, may look anywhere, so the refusal is simulated)."""
+    def build_cache(data_dir):
+        raise AssertionError('a download was attempted')
+    monkeypatch.setattr(recipe, 'build_cache', build_cache)
+    monkeypatch.setattr(recipe.os.path, 'exists', lambda path: False)
+    monkeypatch.setattr(recipe.os, 'access', lambda path, mode: False)
+    real_load = torch.load
+
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(13, 'Permission denied', str(path))
+    monkeypatch.setattr(torch, 'load', refuse)
+    with pytest.raises(recipe.UserError, match='Permission denied') as error:
+        recipe.load_cifar10(tiny_data)
+    monkeypatch.setattr(torch, 'load', real_load)
+    assert 'download' not in str(error.value) and 'check the folder' in str(error.value)
+
+
+def test_two_processes_over_a_damaged_tarball(recipe, tmp_path, monkeypatch):
+    """The loser of the race finds the damaged file already removed by the winner: the same one
+    line, not a FileNotFoundError traceback."""
+    tarball = tmp_path / 'cifar-10-binary.tar.gz'
+    tarball.write_bytes(b'not the dataset')
+    real_remove = os.remove
+
+    def removed_by_the_other_process_first(path):
+        real_remove(path)
+        real_remove(path)
+    monkeypatch.setattr(recipe.os, 'remove', removed_by_the_other_process_first)
+    with pytest.raises(recipe.UserError, match='it was removed; run again'):
+        recipe.load_cifar10(str(tmp_path))
+    assert not tarball.exists()
+
+
+def test_interrupted_cache_write_leaves_nothing(recipe, crafted_tarball, tmp_path, monkeypatch):
+    """Ctrl-C (or a full disk) while the cache is written: no train.pt, test.pt or temporary file
+    that a later run would take for the cache."""
+    data_dir = tmp_path / 'cifar10'
+    data_dir.mkdir()
+    served, _ = crafted_tarball
+    os.replace(served, data_dir / 'cifar-10-binary.tar.gz')
+    real_save, saved = torch.save, []
+
+    def save_then_stop(obj, file, *args, **kwargs):
+        saved.append(obj)
+        if len(saved) == 2:  # train.pt is written; Ctrl-C while test.pt is
+            raise KeyboardInterrupt
+        return real_save(obj, file, *args, **kwargs)
+    monkeypatch.setattr(torch, 'save', save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        recipe.load_cifar10(str(data_dir))
+    assert sorted(os.listdir(data_dir)) == ['cifar-10-binary.tar.gz']
 
 
 def damage_truncate(path):

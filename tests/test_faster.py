@@ -9,8 +9,9 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from conftest import (RECORDING_BACKEND, TINY, TINY_TRAIN_IMAGES, failed_study, run_main, tiny_hyp,
-                      tiny_loaders, tiny_set_args)
+import study
+from conftest import (RECORDING_BACKEND, TINY, TINY_TRAIN_IMAGES, failed_study, run_main, study_args, tiny_hyp,
+                      tiny_loaders)
 
 
 @pytest.fixture(scope='module')
@@ -107,19 +108,16 @@ def test_proxy_learns_every_4th_batch_inside_the_clock(faster, tiny_data, monkey
     assert result['time_seconds'] > 0.02 * steps
 
 
-def test_whole_compiled_study_on_tiny_cpu_data(faster, tiny_data, tmp_path, capsys, monkeypatch,
-                                                graphs_compiled):
+def test_whole_compiled_study_on_tiny_cpu_data(faster, tiny_data, tmp_path, capsys, graphs_compiled):
     """With net.compile_on_cpu, as on CUDA: both networks compile in the first study's warm-up, and
     a second study in the same process compiles nothing."""
     compiled = []
-    for study in ('first', 'second'):
-        monkeypatch.setattr(faster.TABLE, 'header_printed', False)
+    for name in ('first', 'second'):
         before = len(graphs_compiled)
-        status, out, err = run_main(
-            faster, capsys, '--data-dir', tiny_data, '--log-dir', str(tmp_path / study), '--device', 'cpu',
-            '--runs', '2', *tiny_set_args(faster), '--set', 'net.compile_on_cpu=True',
+        status, out, err = run_main(study, capsys, *study_args(
+            faster, tiny_data, tmp_path / name, '--runs', '2', '--set', 'net.compile_on_cpu=True',
             '--set', f'net.compile_backend="{RECORDING_BACKEND}"', '--set', 'opt.whiten_bias_epochs=1',
-            '--set', 'net.widths.block1=12')
+            '--set', 'net.widths.block1=12'))
         assert status == 0 and err == ''
         warmup, runs = out.split('compiled in ')
         assert runs.count(' eval |') == 2 and 'airbench96_faster: 2 runs, mean TTA accuracy' in runs
@@ -129,7 +127,10 @@ def test_whole_compiled_study_on_tiny_cpu_data(faster, tiny_data, tmp_path, caps
     assert {proxy for _, proxy, *_ in faster.COMPILED} == {False, True}
 
 
-@pytest.mark.parametrize('setting', ['opt.filter_keep=0.0', 'opt.filter_keep=1.5', 'opt.proxy_every=0'])
-def test_bad_filter_settings_fail_in_one_line(faster, tiny_data, tmp_path, capsys, setting):
+@pytest.mark.parametrize('setting, message', [('opt.filter_keep=0.0', 'opt.filter_keep must be in (0, 1]'),
+                                              ('opt.filter_keep=1.5', 'opt.filter_keep must be in (0, 1]'),
+                                              ('opt.proxy_every=0', 'opt.proxy_every must be at least 1'),
+                                              ('net.proxy_widths.block3=0', 'net.proxy_widths.block3 must be at least 1')])
+def test_bad_filter_settings_fail_in_one_line(faster, tiny_data, tmp_path, capsys, setting, message):
     status, err = failed_study(faster, capsys, tiny_data, tmp_path, '--set', setting)
-    assert status == 1 and 'opt.filter_keep must be in (0, 1] and opt.proxy_every at least 1' in err
+    assert status == 1 and message in err

@@ -1,6 +1,7 @@
 """Each recipe's own main, the record attempt: its few options, its table and statistics, its log in
 study.py's format, and a stop (SIGTERM, Ctrl-C, a full disk) that keeps every finished run."""
 import errno
+import importlib
 import glob
 import os
 import re
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 import compare
-from conftest import ROOT, assert_one_line, only_log, read_summary, run_main, tiny_hyp
+from conftest import RECIPES, ROOT, assert_one_line, only_log, read_summary, run_main, tiny_hyp
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
@@ -91,12 +92,13 @@ def test_full_disk_keeps_the_last_complete_log(tiny_recipe, tiny_data, tmp_path,
     assert not glob.glob(os.path.join(folder, '*.tmp'))
 
 
-@pytest.mark.parametrize('signal_number, status, name', [(signal.SIGTERM, 143, 'SIGTERM'),
-                                                          (signal.SIGINT, 130, 'SIGINT')])
-def test_stopped_record_attempt_keeps_finished_runs(recipe, tiny_data, tmp_path, signal_number, status, name):
-    """The real process, tiny, stopped after its first run: one line, the log marked interrupted."""
-    if name == 'SIGINT' and recipe.__name__ != 'airbench94':
-        pytest.skip('Ctrl-C takes the same path in every recipe; SIGTERM is checked for each')
+@pytest.mark.parametrize('recipe_name, signal_number', [*[(name, signal.SIGTERM) for name in RECIPES],
+                                                         ('airbench94', signal.SIGINT)])
+def test_stopped_record_attempt_keeps_finished_runs(recipe_name, signal_number, tiny_data, tmp_path):
+    """The real process, tiny, stopped after its first run: one line, the log marked interrupted.
+    SIGTERM (a scheduler, timeout, kill) for every recipe; Ctrl-C takes the same path."""
+    recipe, name = importlib.import_module(recipe_name), signal.Signals(signal_number).name
+    status = 128 + signal_number
     wrapper = tmp_path / 'tiny_record_attempt.py'
     wrapper.write_text(f'import sys\nsys.path[:0] = [{ROOT!r}, {TESTS!r}]\nimport conftest\n'
                        f'import {recipe.__name__} as recipe\nrecipe.hyp = conftest.tiny_hyp(recipe)\n'

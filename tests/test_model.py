@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+import study
 from conftest import RECIPES, TINY, TINY_TRAIN_IMAGES, subset, tiny_hyp, tiny_loaders
 
 
@@ -43,7 +44,7 @@ def test_hyp_matches_the_published_recipe(recipe):
         for name in key.split('.'):
             value = value[name]
         return value
-    assert {key: lookup(key) for key in recipe.hyp_keys(recipe.hyp)} == RECIPES[recipe.__name__]['hyp']
+    assert {key: lookup(key) for key in study.hyp_keys(recipe.hyp)} == RECIPES[recipe.__name__]['hyp']
 
 
 def test_frozen_and_trainable_parameters(recipe):

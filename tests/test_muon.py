@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from conftest import (RECORDING_BACKEND, TINY, TINY_TRAIN_IMAGES, failed_study, run_main, tiny_hyp,
-                      tiny_loaders, tiny_set_args)
+import study
+from conftest import (RECORDING_BACKEND, TINY, TINY_TRAIN_IMAGES, failed_study, run_main, study_args, tiny_hyp,
+                      tiny_loaders)
 
 
 @pytest.fixture(scope='module')
@@ -153,12 +154,10 @@ def test_network_and_newton_schulz_are_compiled_once(muon, tiny_data, graphs_com
     assert results[0]['train_loss'] != results[1]['train_loss']
 
 
-def test_whole_compiled_study_on_tiny_cpu_data(muon, tiny_data, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(muon.TABLE, 'header_printed', False)
-    status, out, err = run_main(muon, capsys, '--data-dir', tiny_data, '--log-dir', str(tmp_path),
-                                '--device', 'cpu', '--runs', '2', *tiny_set_args(muon),
-                                '--set', 'net.compile_on_cpu=True',
-                                '--set', 'net.compile_backend="aot_eager"')
+def test_whole_compiled_study_on_tiny_cpu_data(muon, tiny_data, tmp_path, capsys):
+    status, out, err = run_main(study, capsys, *study_args(muon, tiny_data, tmp_path, '--runs', '2',
+                                                           '--set', 'net.compile_on_cpu=True',
+                                                           '--set', 'net.compile_backend="aot_eager"'))
     assert status == 0 and err == ''
     assert 'compiled in' in out and out.count(' eval |') == 3  # the warm-up and two runs
     assert 'airbench94_muon: 2 runs, mean TTA accuracy' in out
@@ -166,7 +165,7 @@ def test_whole_compiled_study_on_tiny_cpu_data(muon, tiny_data, tmp_path, capsys
 
 @pytest.mark.parametrize('setting, message', [
     ('opt.newton_schulz_steps=0', 'opt.newton_schulz_steps must be at least 1'),
-    ('opt.muon_lr=-0.1', 'opt.muon_lr, opt.bias_lr and opt.head_lr must be positive'),
+    ('opt.muon_lr=-0.1', 'opt.muon_lr must be positive'),
     ('opt.muon_momentum=1.0', 'opt.muon_momentum must be in [0, 1)'),
     ('opt.lr=10.0', "unknown hyp key 'opt.lr'; valid keys: opt.train_epochs, opt.batch_size, opt.muon_lr"),
 ])

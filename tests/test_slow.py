@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+import study
 from conftest import RECIPES, subset
 
 
@@ -9,7 +10,7 @@ def train_small_on_real_images(recipe, data_dir, seed=0):
     """The recipe with its slow_overrides (RECIPES) on the first slow_images training and test
     images, seeded through the global torch seed: (model, result)."""
     facts = RECIPES[recipe.__name__]
-    hyp = recipe.override_hyp(recipe.hyp, facts['slow_overrides'])
+    hyp = study.override_hyp(recipe.hyp, facts['slow_overrides'])
     n_train, n_test = facts['slow_images']
     torch.manual_seed(seed)
     train_loader = subset(recipe.CifarLoader(data_dir, True, hyp['opt']['batch_size'], hyp['aug'],
