@@ -726,13 +726,16 @@ def main(argv=None):
             torch.empty(0, device=device)
         except (RuntimeError, AssertionError) as exc:  # a CPU-only torch asserts
             raise UserError(f'cannot use --device {args.device} ({first_line(exc)}); try --device cpu') from None
-        warmup(hyp, CifarLoader(args.data_dir, True, hyp['opt']['batch_size'], hyp['aug'], device=device))
+        loader = CifarLoader(args.data_dir, True, hyp['opt']['batch_size'], hyp['aug'], device=device)
+        data = {'dir': os.path.abspath(args.data_dir), 'train_images': len(loader.images),
+                'train_pixel_sum': int(loader.images.sum(dtype=torch.int64))}  # tells data sets apart
+        warmup(hyp, loader)
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%dT%H-%M-%SZ')
         folder = os.path.join('logs', name, f'{stamp}-{os.getpid()}')
         info = {'format': 'airbench-study/1', 'script': f'{name}.py', 'status': 'running',
                 'command': ' '.join(sys.argv), 'hyp': hyp, 'device': str(device), 'torch': str(torch.__version__),
                 'device_name': torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu',
-                'data_dir': os.path.abspath(args.data_dir), 'started': stamp}
+                'data': data, 'started': stamp}
         try:
             os.makedirs(folder)
         except OSError as exc:

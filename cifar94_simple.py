@@ -1,10 +1,5 @@
 """cifar94_simple.py [RUNS]: "94% on CIFAR-10 in 94 lines and 94 seconds" (94.02% mean, A10)."""
-import hashlib
-import os
-import sys
-import tarfile
-import time
-import urllib.request
+import hashlib, os, sys, tarfile, time, urllib.request
 
 import torch
 from torch import nn
@@ -89,6 +84,7 @@ def train(data_dir=None):  # one network, a line per epoch; returns (model, test
 
 if __name__ == '__main__':
     runs = sys.argv[1] if len(sys.argv) > 1 else '1'
-    if len(sys.argv) > 2 or not runs.isdigit() or int(runs) < 1:
-        sys.exit('usage: python cifar94_simple.py [RUNS], where RUNS is a whole number, 1 or more')
+    if len(sys.argv) > 2 or not runs.isdigit() or int(runs) < 1:  # --help: the usage, and status 0
+        usage = 'usage: python cifar94_simple.py [RUNS], where RUNS is a whole number, 1 or more'
+        sys.exit(print(usage) if runs in ('-h', '--help') else usage)
     print(f'mean of {runs} run(s): {sum(train()[1] for _ in range(int(runs))) / int(runs):.2f}%')

@@ -4,11 +4,13 @@
     python compare.py logs/records/airbench94/*.json                       # or summary.json files
 
 For every study: script, status, n, mean TTA accuracy, std, the 95% confidence interval of the
-mean (Student's t), mean time and device. For exactly two studies, also the difference of their
-means with its 95% confidence interval and two-sided p-value (Welch's t-test: no assumption that
-the variances are equal), and the ratio of their mean times.
+mean (Student's t), mean time and device; a study without a finished run is listed with n 0. For
+exactly two studies, also the difference of their means with its 95% confidence interval and
+two-sided p-value (Welch's t-test: no assumption that the variances are equal), and the ratio of
+their mean times. Then a note for each study whose recipe source, hyp or data differ from study
+1's, as far as both logs record them: a difference there is part of what is being compared.
 
-It reads the summary.json that every airbench script writes (format airbench-study/1) and needs
+It reads the summary.json that study.py and every recipe's own main write (format airbench-study/1) and needs
 the Python standard library only, so it runs where torch is not installed. It sits at the top
 level beside the scripts because, like them, it is one file to run or copy.
 """
@@ -126,12 +128,37 @@ def read_study(path):
             isinstance(run, dict) and isinstance(run.get('tta_val_acc'), (int, float))
             and isinstance(run.get('time_seconds'), (int, float)) for run in runs):
         raise UserError(f'{file}: its runs are damaged (each needs tta_val_acc and time_seconds)')
-    if not runs:
-        raise UserError(f'{file} holds no finished run (status {summary.get("status")!r})')
     accuracies = [run['tta_val_acc'] for run in runs]
+    data = summary.get('data') if isinstance(summary.get('data'), dict) else {}
     return {'path': file, 'script': summary.get('script', '?'), 'status': summary.get('status', '?'),
             'device': summary.get('device_name', summary.get('device', '?')), 'accuracies': accuracies,
-            'mean_time': sum(run['time_seconds'] for run in runs) / len(runs), **study_stats(accuracies)}
+            'mean_time': sum(run['time_seconds'] for run in runs) / len(runs) if runs else None,
+            'source': summary.get('source_sha256'), 'hyp': summary.get('hyp'),
+            'data': {key: value for key, value in data.items() if key != 'dir'}, **study_stats(accuracies)}
+
+
+def leaves(tree, prefix=''):
+    """{dotted key: value} of a nested dict."""
+    if not isinstance(tree, dict):
+        return {prefix.rstrip('.'): tree}
+    return {key: value for name, entry in tree.items() for key, value in leaves(entry, f'{prefix}{name}.').items()}
+
+
+def differences(first, other):
+    """What makes `other` a different experiment from `first`, as far as both logs tell: the recipe's
+    source, hyp entries, the data."""
+    found = []
+    if first['source'] and other['source'] and first['source'] != other['source']:
+        found.append('recipe source')
+    if isinstance(first['hyp'], dict) and isinstance(other['hyp'], dict):
+        a, b = leaves(first['hyp']), leaves(other['hyp'])
+        changed = sorted(key for key in set(a) | set(b) if a.get(key, '?') != b.get(key, '?'))
+        if changed:
+            found.append(f'hyp ({", ".join(changed[:6])}{", ..." if len(changed) > 6 else ""})')
+    shared = set(first['data']) & set(other['data'])
+    if any(first['data'][key] != other['data'][key] for key in shared):
+        found.append('data (' + ', '.join(sorted(k for k in shared if first['data'][k] != other['data'][k])) + ')')
+    return found
 
 
 #############################################
@@ -143,15 +170,17 @@ def percent(x):
 
 
 def report(studies):
-    """The table (and for two studies the comparison) as lines of text."""
+    """The table (and for two studies the comparison) as lines of text, then notes on what differs
+    between study 1 and each other study besides what was meant to (read them before a verdict)."""
     header = ('study', 'script', 'status', 'n', 'mean', 'std', '95% CI', 'mean time', 'device')
     rows = [header]
     for number, study in enumerate(studies, 1):
         low_high = study['ci95'] or (None, None)
         interval = '-' if study['ci95'] is None else f'{percent(low_high[0])} to {percent(low_high[1])}'
         std = '-' if study['std'] is None else f'{100 * study["std"]:.2f}'
+        time = '-' if study['mean_time'] is None else f'{study["mean_time"]:.3f} s'
         rows.append((str(number), study['script'], study['status'], str(study['n']), percent(study['mean']),
-                     std, interval, f'{study["mean_time"]:.3f} s', study['device']))
+                     std, interval, time, study['device']))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ['  '.join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
     lines += [f'{number}: {study["path"]}' for number, study in enumerate(studies, 1)]
@@ -161,9 +190,14 @@ def report(studies):
         first, second = studies
         test = welch(first['accuracies'], second['accuracies'])
         low, high = test['ci95']
+        ratio = f'{second["mean_time"] / first["mean_time"]:.3f}' if first['mean_time'] > 0 else '- (a time of 0)'
         lines.append(f'2 - 1: mean accuracy {100 * test["difference"]:+.2f} points '
                      f'(95% CI {100 * low:+.2f} to {100 * high:+.2f}; Welch p = {test["p"]:.3g}), '
-                     f'time ratio {second["mean_time"] / first["mean_time"]:.3f}')
+                     f'time ratio {ratio}')
+    for number, study in enumerate(studies[1:], 2):
+        found = differences(studies[0], study)
+        if found:
+            lines.append(f'note: {number} differs from 1 in {"; ".join(found)}')
     return lines
 
 

@@ -82,7 +82,6 @@ def test_two_studies_side_by_side(tmp_path):
     ('[1, 2]', 'its format: None'),
     ('not json', 'cannot read'),
     ('{"format": "airbench-study/1", "runs": [{"tta_val_acc": "high"}]}', 'its runs are damaged'),
-    ('{"format": "airbench-study/1", "status": "running", "runs": []}', 'holds no finished run'),
 ])
 def test_foreign_or_damaged_summaries_get_one_line(tmp_path, content, problem):
     path = tmp_path / 'summary.json'
@@ -102,3 +101,39 @@ def test_missing_path_and_too_few_runs(tmp_path):
     assert 'not compared: a difference of means needs at least 2 runs' in done.stdout
     with pytest.raises(compare.UserError, match='at least 2 runs'):
         compare.welch([0.94], FIRST)
+
+
+def test_a_study_without_finished_runs_is_listed_not_fatal(tmp_path):
+    """A diverged study (or one whose batch did not fit) leaves a log without runs: it is listed
+    with n 0, and the other studies are still compared."""
+    empty = write_summary(tmp_path / 'empty', [], [])
+    done = run_compare(write_summary(tmp_path / 'a', FIRST, [4.0] * 5), empty,
+                       write_summary(tmp_path / 'b', SECOND, [5.0] * 4))
+    assert done.returncode == 0 and done.stderr == ''
+    row = done.stdout.splitlines()[2].split()
+    assert row[:5] == ['2', 'airbench94.py', 'complete', '0', '-']
+    done = run_compare(write_summary(tmp_path / 'c', FIRST, [4.0] * 5), empty)
+    assert done.returncode == 0 and 'not compared: a difference of means needs at least 2 runs' in done.stdout
+
+
+def test_time_of_zero_gives_no_ratio(tmp_path):
+    done = run_compare(write_summary(tmp_path / 'a', FIRST, [0.0] * 5), write_summary(tmp_path / 'b', SECOND, [1.0] * 4))
+    assert done.returncode == 0 and done.stderr == '' and 'time ratio - (a time of 0)' in done.stdout
+
+
+def test_notes_on_differences_beyond_the_compared_change(tmp_path):
+    """Two studies that also differ in source, hyp and data say so; equal ones say nothing."""
+    hyp = {'opt': {'lr': 11.5, 'momentum': 0.85}, 'aug': {'flip': True}}
+    data = {'dir': '/a', 'train_images': 50000, 'train_pixel_sum': 100}
+    same = dict(source_sha256='abc', hyp=hyp, data=data)
+    first = write_summary(tmp_path / 'a', FIRST, [4.0] * 5, **same)
+    done = run_compare(first, write_summary(tmp_path / 'b', SECOND, [4.0] * 4, **{**same, 'data': {**data, 'dir': '/b'}}))
+    assert 'note:' not in done.stdout  # the same data in another folder is the same data
+    other = write_summary(tmp_path / 'c', SECOND, [4.0] * 4, source_sha256='def',
+                          hyp={'opt': {'lr': 10.0, 'momentum': 0.85}, 'aug': {'flip': True}},
+                          data={**data, 'train_pixel_sum': 99})
+    done = run_compare(first, other)
+    [note] = [line for line in done.stdout.splitlines() if line.startswith('note:')]
+    assert note == 'note: 2 differs from 1 in recipe source; hyp (opt.lr); data (train_pixel_sum)'
+    done = run_compare(first, write_summary(tmp_path / 'd', SECOND, [4.0] * 4))  # an older log: nothing to tell
+    assert 'note:' not in done.stdout

@@ -193,7 +193,7 @@ def test_tarball_becomes_an_airbench_cache(tmp_path, monkeypatch):
         assert train['images'][i, h, w, c] == records[i, 1 + c * 1024 + h * 32 + w]
         assert test['images'][i % 10000, h, w, c] == records[50000 + i % 10000, 1 + c * 1024 + h * 32 + w]
     airbench94 = importlib.import_module('airbench94')
-    cache = airbench94.read_cache(str(tmp_path / 'test.pt'))
+    cache = airbench94.load_cifar10(str(tmp_path), train=False)
     assert cache['classes'] == airbench94.CIFAR10_CLASSES and cache['images'].is_contiguous()
 
 
@@ -202,6 +202,12 @@ def test_bad_arguments_get_the_usage_line(args):
     done = subprocess.run([sys.executable, SOURCE, *args], capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and done.stdout == '' and done.stderr.startswith('usage:')
     assert_one_line(done.stderr)
+
+
+@pytest.mark.parametrize('option', ['--help', '-h'])
+def test_help_prints_the_usage_and_succeeds(option):
+    done = subprocess.run([sys.executable, SOURCE, option], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stderr == '' and done.stdout.startswith('usage: python cifar94_simple.py')
 
 
 def test_import_has_no_side_effects(tmp_path):
