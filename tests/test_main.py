@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import compare
-from conftest import RECIPES, ROOT, assert_one_line, only_log, read_summary, run_main, tiny_hyp
+from conftest import ROOT, assert_one_line, only_log, read_summary, run_main, tiny_hyp
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
@@ -92,12 +92,30 @@ def test_full_disk_keeps_the_last_complete_log(tiny_recipe, tiny_data, tmp_path,
     assert not glob.glob(os.path.join(folder, '*.tmp'))
 
 
-@pytest.mark.parametrize('recipe_name, signal_number', [*[(name, signal.SIGTERM) for name in RECIPES],
-                                                         ('airbench94', signal.SIGINT)])
-def test_stopped_record_attempt_keeps_finished_runs(recipe_name, signal_number, tiny_data, tmp_path):
-    """The real process, tiny, stopped after its first run: one line, the log marked interrupted.
-    SIGTERM (a scheduler, timeout, kill) for every recipe; Ctrl-C takes the same path."""
-    recipe, name = importlib.import_module(recipe_name), signal.Signals(signal_number).name
+def test_sigterm_ends_the_record_attempt_as_ctrl_c_does(tiny_recipe, tiny_data, tmp_path, capsys, monkeypatch):
+    """SIGTERM (a scheduler, timeout, kill) in the second run, delivered to this very process:
+    one line, the finished run kept, the log marked interrupted, status 143."""
+    real_train = tiny_recipe.train
+
+    def terminated_in_run_1(*args, **kwargs):
+        if kwargs.get('run') == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_train(*args, **kwargs)
+    monkeypatch.setattr(tiny_recipe, 'train', terminated_in_run_1)
+    status, _, err = run_main(tiny_recipe, capsys, '--runs', '5', '--data-dir', tiny_data, '--device', 'cpu')
+    folder = only_log(tmp_path / 'logs', tiny_recipe.__name__)
+    summary = read_summary(folder)
+    assert status == 143 and summary['status'] == 'interrupted' and summary['n'] == 1
+    assert f'interrupted (SIGTERM); {summary["n"]} finished run(s) kept in' in err
+    assert_one_line(err)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # main put the handler back
+
+
+@pytest.mark.parametrize('signal_number', [signal.SIGTERM, signal.SIGINT])
+def test_stopped_record_attempt_process(signal_number, tiny_data, tmp_path):
+    """The real process of airbench94, tiny, stopped after its first run (the handlers of a fresh
+    interpreter, not pytest's): one line, the log marked interrupted."""
+    recipe, name = importlib.import_module('airbench94'), signal.Signals(signal_number).name
     status = 128 + signal_number
     wrapper = tmp_path / 'tiny_record_attempt.py'
     wrapper.write_text(f'import sys\nsys.path[:0] = [{ROOT!r}, {TESTS!r}]\nimport conftest\n'

@@ -1,5 +1,6 @@
 """The network, its initialization, the optimizer and schedule, Lookahead, TTA and training."""
 import collections
+import math
 import importlib
 
 import pytest
@@ -278,15 +279,18 @@ def test_too_few_images_for_a_batch(recipe, tiny_data):
 @pytest.mark.parametrize('device', ['cpu', pytest.param('cuda', marks=pytest.mark.gpu)])
 def test_half_precision_path(recipe, tiny_data, device, monkeypatch):
     """The CUDA recipe's precision (fp16 channels-last, BatchNorm in fp32). On the CPU, forced
-    through precision_for, so that its dtype handling is checked on machines without a GPU."""
+    through precision_for, so that its dtype handling is checked on machines without a GPU; fp16
+    is slow there, so a few steps on a few images."""
     if device == 'cpu':
         monkeypatch.setattr(recipe, 'precision_for', lambda device: (torch.float16, torch.channels_last))
-    hyp = tiny_hyp(recipe)
+    hyp = tiny_hyp(recipe, opt__train_epochs=1)
     torch.manual_seed(0)
     train_loader, test_loader = tiny_loaders(recipe, tiny_data, hyp, device=device)
+    subset(train_loader, slice(0, 3 * hyp['opt']['batch_size']))
+    subset(test_loader, slice(0, 64))
     inputs, _ = next(iter(train_loader))
     assert inputs.dtype == torch.float16 and inputs.is_contiguous(memory_format=torch.channels_last)
-    model, result = recipe.train(hyp, train_loader, test_loader)
+    model, result = recipe.train(hyp, train_loader, test_loader, verbose=False)
     assert model.head.weight.dtype == model.whiten.weight.dtype == torch.float16
     assert all(m.bias.dtype == m.running_var.dtype == torch.float32 for m in batchnorms(model))
-    assert result['tta_val_acc'] > 0.25 and result['time_seconds'] > 0
+    assert result['steps'] == 3 and math.isfinite(result['train_loss']) and 0 <= result['tta_val_acc'] <= 1

@@ -3,6 +3,7 @@ import importlib
 import io
 import os
 import re
+import runpy
 import subprocess
 import sys
 import tarfile
@@ -197,17 +198,25 @@ def test_tarball_becomes_an_airbench_cache(tmp_path, monkeypatch):
     assert cache['classes'] == airbench94.CIFAR10_CLASSES and cache['images'].is_contiguous()
 
 
+def run_as_program(monkeypatch, *args):
+    """cifar94_simple.py's __main__ block in this process: the exit code (a message, 0 or None)."""
+    monkeypatch.setattr(sys, 'argv', [SOURCE, *args])
+    with pytest.raises(SystemExit) as stopped:
+        runpy.run_path(SOURCE, run_name='__main__')
+    return stopped.value.code
+
+
 @pytest.mark.parametrize('args', [['many'], ['0'], ['2', '3']])
-def test_bad_arguments_get_the_usage_line(args):
-    done = subprocess.run([sys.executable, SOURCE, *args], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 1 and done.stdout == '' and done.stderr.startswith('usage:')
-    assert_one_line(done.stderr)
+def test_bad_arguments_get_the_usage_line(args, monkeypatch, capsys):
+    message = run_as_program(monkeypatch, *args)  # sys.exit(message): status 1, message on stderr
+    assert isinstance(message, str) and message.startswith('usage:') and capsys.readouterr().out == ''
+    assert_one_line(message)
 
 
 @pytest.mark.parametrize('option', ['--help', '-h'])
-def test_help_prints_the_usage_and_succeeds(option):
-    done = subprocess.run([sys.executable, SOURCE, option], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0 and done.stderr == '' and done.stdout.startswith('usage: python cifar94_simple.py')
+def test_help_prints_the_usage_and_succeeds(option, monkeypatch, capsys):
+    assert run_as_program(monkeypatch, option) is None  # status 0
+    assert capsys.readouterr().out.startswith('usage: python cifar94_simple.py')
 
 
 def test_import_has_no_side_effects(tmp_path):
