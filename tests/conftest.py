@@ -42,10 +42,10 @@ RECIPES = {
         # within its time as the collection grew.)
         'slow_overrides': {
             'opt.batch_size': 512,  # lr and weight decay are per example: their meaning holds
-            'opt.train_epochs': 4,
+            'opt.train_epochs': 3,
             'net.widths': {'block1': 32, 'block2': 128, 'block3': 128},
         },
-        'slow_images': (5_000, 2_000),
+        'slow_images': (4_000, 1_000),
         'slow_tta_acc_above': 0.50,
     },
 }
@@ -76,7 +76,7 @@ RECIPES['airbench95'] = sibling(
                  'net.widths.block1': 128, 'net.widths.block2': 384, 'net.widths.block3': 384},
     params=4_606_520, diff_bound=13,
     # Measured as airbench94's: 0.5085 and 0.5045, 36 s (seed 1).
-    slow_overrides={'opt.batch_size': 512, 'opt.train_epochs': 4,
+    slow_overrides={'opt.batch_size': 512, 'opt.train_epochs': 3,
                     'net.widths': {'block1': 32, 'block2': 96, 'block3': 96}},
     slow_tta_acc_above=0.48,
 )
@@ -87,7 +87,7 @@ RECIPES['airbench96'] = sibling(
     params=9_918_776, trained_tensors=11, diff_bound=46,
     # Measured as airbench94's (cutout costs accuracy this early): 0.4670 and 0.4885, 43 s
     # (seed 1).
-    slow_overrides={'opt.batch_size': 512, 'opt.train_epochs': 4,
+    slow_overrides={'opt.batch_size': 512, 'opt.train_epochs': 3,
                     'net.widths': {'block1': 32, 'block2': 96, 'block3': 128}},
     slow_tta_acc_above=0.44,
 )
@@ -104,7 +104,7 @@ RECIPES['airbench94_muon'] = sibling(
     tiny={'net.compile_mode': 'default'},  # max-autotune takes minutes, even for tiny networks
     # Measured as airbench94's: 0.6915 and 0.6850, 41 s and 42 s. (At batch 500 SGD's rates,
     # PyTorch's on a summed loss, act 4x smaller; Muon's step does not depend on the batch.)
-    slow_overrides={'opt.batch_size': 500, 'opt.train_epochs': 4.0,
+    slow_overrides={'opt.batch_size': 500, 'opt.train_epochs': 3.0,
                     'net.widths': {'block1': 32, 'block2': 96, 'block3': 96}},
     slow_tta_acc_above=0.66,
 )
@@ -117,7 +117,7 @@ RECIPES['airbench96_faster'] = sibling(
     tiny={'net.proxy_widths': {'block1': 8, 'block2': 8, 'block3': 8}, 'net.compile_mode': 'default'},
     # Measured as airbench94's: 0.3325 and 0.3425, 37 s and 32 s. Low, as the network sees half
     # of each batch: 4 epochs hold 2 epochs' examples. (On 10k/2k images: 0.4885 for seed 0.)
-    slow_overrides={'opt.batch_size': 512, 'opt.train_epochs': 4,
+    slow_overrides={'opt.batch_size': 512, 'opt.train_epochs': 3,
                     'net.widths': {'block1': 32, 'block2': 96, 'block3': 128},
                     'net.proxy_widths': {'block1': 16, 'block2': 32, 'block3': 32}},
     slow_tta_acc_above=0.31,

@@ -16,7 +16,7 @@ def train_small_on_real_images(recipe, data_dir, seed=0):
     train_loader = subset(recipe.CifarLoader(data_dir, True, hyp['opt']['batch_size'], hyp['aug'],
                                              device='cpu'), slice(0, n_train))
     test_loader = subset(recipe.CifarLoader(data_dir, False, 1000, device='cpu'), slice(0, n_test))
-    return recipe.train(hyp, train_loader, test_loader, device='cpu')
+    return recipe.train(hyp, train_loader, test_loader, device='cpu', verbose=False)
 
 
 @pytest.mark.slow
