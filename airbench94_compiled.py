@@ -77,10 +77,8 @@ hyp = {
 
 TEST_BATCH_SIZE = 2000  # evaluation only: any size gives the same predictions
 
-
 class UserError(Exception):
     """A problem the user can fix; the message says how. main() prints it as one line."""
-
 
 #############################################
 #                   Data                    #
@@ -92,17 +90,14 @@ CIFAR10_CLASSES = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)  # per channel, of the training images scaled to [0, 1]
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
-
 def default_data_dir():
     return os.environ.get('CIFAR10_DIR') or 'cifar10'
-
 
 def precision_for(device):
     """The one place dtype and memory layout are chosen: fp16 channels-last on CUDA as in the paper,
     fp32 in the usual layout on the CPU (which has no fast fp16 convolutions)."""
     cuda = torch.device(device).type == 'cuda'
     return (torch.float16, torch.channels_last) if cuda else (torch.float32, torch.contiguous_format)
-
 
 def load_cifar10(data_dir=None, train=True):
     """The training or test split as a dict: `images` (uint8, N x 32 x 32 x 3, RGB), `labels`
@@ -129,7 +124,6 @@ def load_cifar10(data_dir=None, train=True):
         problem = data if isinstance(data, str) else 'not uint8 images N x 32 x 32 x 3 with int64 labels 0-9'
         raise UserError(f'{path} is not a CIFAR-10 cache ({problem}); delete it and run again to rebuild it')
     return {'images': images, 'labels': labels, 'classes': data.get('classes', CIFAR10_CLASSES)}
-
 
 def build_cache(data_dir):
     """Writes train.pt and test.pt from the binary tarball, downloading it when it is not there.
@@ -168,7 +162,6 @@ def build_cache(data_dir):
         {'images': r[:, 1:].view(-1, 3, 32, 32).permute(0, 2, 3, 1).contiguous(), 'labels': r[:, 0].long(),
          'classes': CIFAR10_CLASSES}, file) for split, r in records.items()})
 
-
 def atomic_write(writers):
     """{path: write(file)}: each file is written to a temporary beside it, and only when all are
     complete are they renamed into place, so an interruption or a full disk leaves the old set of
@@ -188,11 +181,9 @@ def atomic_write(writers):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(temporary)
 
-
 def first_line(exc):
     text = str(exc).strip().splitlines()
     return f'{type(exc).__name__}: {text[0]}' if text else type(exc).__name__
-
 
 def random_corners(images, size):
     """Top and left corners (each N x 1 x 1), uniform over the positions where a size x size
@@ -200,7 +191,6 @@ def random_corners(images, size):
     n, _, height, width = images.shape
     top = torch.randint(height - size + 1, (n, 1, 1), device=images.device)
     return top, torch.randint(width - size + 1, (n, 1, 1), device=images.device)
-
 
 def batch_crop_flip(padded, size, flip):
     """A random size x size window of each image, mirrored left-right where the boolean `flip` is
@@ -212,7 +202,6 @@ def batch_crop_flip(padded, size, flip):
     index = torch.arange(len(padded), device=padded.device).view(-1, 1, 1)
     return padded.permute(0, 2, 3, 1)[index, top + offsets.view(1, size, 1), cols].permute(0, 3, 1, 2)
 
-
 def batch_cutout(images, size):
     """Cutout (DeVries and Taylor, 2017): each image with a random size x size square, wholly
     inside it, set to zero, which after normalization is the mean color."""
@@ -220,7 +209,6 @@ def batch_cutout(images, size):
     rows, cols = (torch.arange(32, device=images.device).view(shape) for shape in ((1, -1, 1), (1, 1, -1)))
     inside = (rows >= top) & (rows < top + size) & (cols >= left) & (cols < left + size)
     return images.clone().masked_fill_(inside.unsqueeze(1), 0)  # clone keeps the memory layout
-
 
 class CifarLoader:
     """CIFAR-10 batches on one device, augmented a whole epoch at a time on that device.
@@ -281,7 +269,6 @@ class CifarLoader:
             batch = order[i * self.batch_size:(i + 1) * self.batch_size]
             yield images[batch], self.labels[batch]
 
-
 #############################################
 #                  Network                  #
 #############################################
@@ -294,7 +281,6 @@ class BatchNorm(nn.BatchNorm2d):
         super().__init__(num_features, eps=eps, momentum=1 - momentum)
         self.weight.requires_grad = False
 
-
 def make_conv(channels_in, channels_out):
     """A 3x3 convolution without bias whose first channels_in filters start as the identity map
     (paper, section 3.3): each block starts by passing its input through, easing early training."""
@@ -302,7 +288,6 @@ def make_conv(channels_in, channels_out):
     with torch.no_grad():
         nn.init.dirac_(conv.weight[:channels_in])
     return conv
-
 
 class ConvBlock(nn.Module):
     """conv -> 2x2 max-pool -> BatchNorm -> GELU -> conv -> BatchNorm -> GELU. Pooling before the
@@ -321,7 +306,6 @@ class ConvBlock(nn.Module):
         x = self.activ(self.norm1(self.pool(self.conv1(x))))
         return self.activ(self.norm2(self.conv2(x)))
 
-
 class Scale(nn.Module):
     def __init__(self, factor):
         super().__init__()
@@ -329,7 +313,6 @@ class Scale(nn.Module):
 
     def forward(self, x):
         return x * self.factor
-
 
 def make_net(hyp_net=None):
     """The network on the CPU in fp32, whitening weights not yet set (see init_whitening_conv).
@@ -353,7 +336,6 @@ def make_net(hyp_net=None):
     nn.init.zeros_(net.whiten.bias)
     return net
 
-
 def place_on(model, device):
     """Moves the model to the device in its precision; BatchNorm stays fp32 (paper) for stable statistics."""
     dtype, memory_format = precision_for(device)
@@ -363,9 +345,7 @@ def place_on(model, device):
             module.float()
     return model
 
-
 COMPILED = {}  # (architecture, device, precision) -> (network, variant with bias, variant without)
-
 
 def compiled_net(hyp_net, device):
     """(model, train_bias, freeze_bias): the network, freshly initialized, and its two compiled
@@ -387,7 +367,6 @@ def compiled_net(hyp_net, device):
         param.requires_grad = fresh_param.requires_grad
     return model, train_bias, freeze_bias
 
-
 #############################################
 #              Initialization               #
 #############################################
@@ -408,7 +387,6 @@ def init_whitening_conv(conv, images, eps=5e-4):
     with torch.no_grad():
         conv.weight.copy_(torch.cat([filters, -filters]))
 
-
 #############################################
 #             Optimizer helpers             #
 #############################################
@@ -427,7 +405,6 @@ class LookaheadState:
                 average.lerp_(value, 1 - decay)
                 value.copy_(average)
 
-
 def make_optimizer(model, hyp_opt):
     """Nesterov SGD with the decoupled hyperparameters in PyTorch's terms. The loss is summed over
     the batch, so the gradient grows with the batch and a per-example rate serves every batch size;
@@ -445,7 +422,6 @@ def make_optimizer(model, hyp_opt):
               dict(params=others, lr=lr, weight_decay=decay / lr)]
     return torch.optim.SGD(groups, momentum=momentum, nesterov=True)
 
-
 def lr_multiplier(progress, knots):
     """The schedule's learning-rate multiplier at `progress` (0 to 1 through the steps): linear
     between the knots, (fraction of steps, multiplier) pairs from 0 to 1."""
@@ -453,7 +429,6 @@ def lr_multiplier(progress, knots):
         if progress <= x1:
             return y0 + (y1 - y0) * (progress - x0) / (x1 - x0)
     return knots[-1][1]
-
 
 #############################################
 #                Evaluation                 #
@@ -474,7 +449,6 @@ def predict(model, inputs, tta_level):
     translated = sum(0.5 * model(view) + 0.5 * model(view.flip(-1)) for view in shifted) / len(shifted)
     return 0.5 * mirrored + 0.5 * translated
 
-
 def infer(model, loader, tta_level=0):
     """Logits (fp32, N x 10) for every image in loader.images, in order: the loader's shuffling and
     augmentation are not used, so this works on a training loader too."""
@@ -489,12 +463,10 @@ def infer(model, loader, tta_level=0):
     model.train(was_training)
     return logits
 
-
 def evaluate(model, loader, tta_level=0):
     """Accuracy (0 to 1) on loader's images."""
     logits = infer(model, loader, tta_level)
     return (logits.argmax(1) == loader.labels).float().mean().item()
-
 
 #############################################
 #                 Training                  #
@@ -521,7 +493,6 @@ class Clock:
         self.seconds += (torch.cuda.synchronize() or self.start.elapsed_time(end) / 1000) if self.cuda \
             else end - self.start
 
-
 def print_row(cells, head=False, rule=False):
     """A row of the per-epoch table (floats to 4 places, None blank), with rules around a head
     row and below a row with `rule`."""
@@ -529,9 +500,7 @@ def print_row(cells, head=False, rule=False):
     line = '| ' + ' | '.join(text.rjust(len(column)) for text, column in zip(texts, COLUMNS)) + ' |'
     print(*['-' * len(line)] * head, line, *['-' * len(line)] * (head or rule), sep='\n', flush=True)
 
-
 COLUMNS = ('run', 'epoch', 'train_loss', 'train_acc', 'val_acc', 'tta_val_acc', 'time_seconds')
-
 
 def train(hyp=hyp, train_loader=None, test_loader=None, device=None, run=None, verbose=True):
     """Trains one network with the recipe in `hyp` and returns (model, result); result holds
@@ -605,7 +574,6 @@ def train(hyp=hyp, train_loader=None, test_loader=None, device=None, run=None, v
     return model, {'tta_val_acc': tta_val_acc, 'val_acc': val_acc, 'time_seconds': clock.seconds,
                    'train_loss': train_loss, 'train_acc': train_acc, 'steps': total_steps}
 
-
 def warmup(hyp=hyp, train_loader=None, device=None, verbose=True):
     """The untimed warm-up before timed runs (paper, section 2): one training on random labels,
     which compiles the network, on every device, for just the epochs that reach both variants. It
@@ -619,7 +587,6 @@ def warmup(hyp=hyp, train_loader=None, device=None, verbose=True):
     if verbose:
         print(f'compiled in {time.perf_counter() - started:.1f} s (warm-up run included)')
     return True
-
 
 #############################################
 #              Record attempt               #
@@ -644,7 +611,6 @@ def write_log(folder, info, results):
     except OSError as exc:
         raise UserError(f'cannot write the log ({first_line(exc)})') from None
     return summary
-
 
 def main(argv=None):
     """A record attempt: the warm-up (on CUDA), then --runs timed trainings, logged after each."""
@@ -707,11 +673,9 @@ def main(argv=None):
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
 
-
 def stop(signum, frame):
     """SIGTERM (a scheduler, timeout, kill) ends a study as Ctrl-C does."""
     raise KeyboardInterrupt(signal.Signals(signum).name)
-
 
 if __name__ == '__main__':
     main()
