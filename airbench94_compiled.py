@@ -9,28 +9,25 @@ Changes relative to airbench94
     bias trained, then frozen) share weights, compiled once per process in a study's warm-up run.
 
 What is timed (paper, section 2)
-    From the first touch of training data (the whitening initialization included) until test-set
-    predictions with test-time augmentation exist. Per-epoch evaluation without TTA is outside the
-    clock. On CUDA a warm-up run on random labels comes first and is not counted.
+    From the first touch of training data (whitening included) until test-set predictions with TTA exist; not
+    the per-epoch evaluation, nor the warm-up run on random labels that comes first on CUDA.
 
 Lineage
     Page (2019), "How to train your ResNet" -> tysam-code, hlb-CIFAR10 (2023) -> airbench (2024).
 
 Method (paper, sections 3.1-3.6; the numbers are in `hyp`)
-    - VGG-like network: a frozen 2x2 patch-whitening convolution, then three blocks of 3x3
-      convolutions; BatchNorm scales frozen at 1; every later conv starts as an identity (dirac)
-      transform.
+    - VGG-like network: a frozen 2x2 patch-whitening convolution, then three blocks of 3x3 convolutions that start
+      as identity (dirac) maps; BatchNorm scales frozen at 1.
     - Nesterov SGD on a summed loss with label smoothing, BatchNorm biases at a higher learning
       rate, a piecewise-linear schedule, Lookahead towards a moving average every few steps.
     - Alternating flip and reflect-padded translation, on the GPU; 6-view test-time augmentation.
 
 Usage
-    Run this file for a record attempt (--help: its few options); study.py runs studies of it with
-    overrides, seeds and many GPUs; README.md shows library use and the measured results.
+    Run this file for a record attempt; python study.py with its name runs studies; README.md: all else.
 """
 
 import argparse, contextlib, copy, datetime, hashlib, io, json, math, os, signal, sys, tarfile, tempfile, time
-import urllib.request
+import pathlib, statistics, urllib.request
 from collections import OrderedDict
 
 import torch
@@ -41,9 +38,8 @@ from torch import nn
 #              Hyperparameters              #
 #############################################
 
-# Learning rate and weight decay are given in decoupled form (Page, 2019), so each can be tuned on
-# its own: `lr` is the average step per 1024 examples whatever the momentum, and `weight_decay` the
-# shrinkage per 1024 examples whatever the learning rate. make_optimizer turns them into PyTorch's.
+# Learning rate and weight decay are decoupled (Page, 2019) so that each tunes alone: `lr` is the mean step per 1024
+# examples whatever the momentum, `weight_decay` the shrinkage per 1024 examples whatever `lr`; see make_optimizer.
 hyp = {
     'opt': {
         'train_epochs': 9.9,        # passes over the training set; the last one stops part-way
@@ -100,9 +96,8 @@ def precision_for(device):
     return (torch.float16, torch.channels_last) if cuda else (torch.float32, torch.contiguous_format)
 
 def load_cifar10(data_dir=None, train=True):
-    """The training or test split as a dict: `images` (uint8, N x 32 x 32 x 3, RGB), `labels`
-    (int64, N) and `classes`, read from <data_dir>/train.pt or test.pt. When that cache is missing
-    it is built from cifar-10-binary.tar.gz in data_dir, which is downloaded first if absent."""
+    """{'images': uint8 N x 32 x 32 x 3 RGB, 'labels': int64 N, 'classes'} from <data_dir>/train.pt or test.pt,
+    a cache built when missing from cifar-10-binary.tar.gz in data_dir, downloaded first if absent."""
     data_dir = data_dir or default_data_dir()
     path = os.path.join(data_dir, 'train.pt' if train else 'test.pt')
     if os.path.isfile(data_dir):
@@ -126,9 +121,8 @@ def load_cifar10(data_dir=None, train=True):
     return {'images': images, 'labels': labels, 'classes': data.get('classes', CIFAR10_CLASSES)}
 
 def build_cache(data_dir):
-    """Writes train.pt and test.pt from the binary tarball, downloading it when it is not there.
-    The records (a label byte, then the red, green and blue 32x32 planes) are read as bytes from
-    the known members: nothing is unpickled or extracted to disk."""
+    """Writes train.pt and test.pt from the binary tarball (downloaded if absent), whose records (a label byte, then
+    the red, green and blue 32x32 planes) are read as bytes: nothing is unpickled or extracted to disk."""
     os.makedirs(data_dir, exist_ok=True)
     tarball = os.path.join(data_dir, os.path.basename(CIFAR10_URL))
     if not os.path.exists(tarball):
@@ -139,8 +133,7 @@ def build_cache(data_dir):
         except (OSError, ValueError) as exc:  # refused, unreachable, timed out
             raise UserError(f'cannot download {CIFAR10_URL} ({first_line(exc)}); download it by hand '
                             f'and put it in {os.path.abspath(data_dir)}/') from None
-    with open(tarball, 'rb') as file:
-        raw = file.read()
+    raw = pathlib.Path(tarball).read_bytes()
     if hashlib.md5(raw).hexdigest() != CIFAR10_MD5:
         with contextlib.suppress(FileNotFoundError):  # another process may have removed it first
             os.remove(tarball)
@@ -156,16 +149,14 @@ def build_cache(data_dir):
         if any(len(r) == 0 or r[:, 0].max() > 9 for r in records.values()):
             raise ValueError('a split is empty or has labels above 9')
     except (tarfile.TarError, KeyError, AttributeError, RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise UserError(f'{tarball} is not a readable CIFAR-10 binary tarball ({first_line(exc)}); '
-                        f'delete it and run again') from None
+        raise UserError(f'{tarball} is not a readable CIFAR-10 tarball ({first_line(exc)}); delete it') from None
     atomic_write({os.path.join(data_dir, f'{split}.pt'): lambda file, r=r: torch.save(
         {'images': r[:, 1:].view(-1, 3, 32, 32).permute(0, 2, 3, 1).contiguous(), 'labels': r[:, 0].long(),
          'classes': CIFAR10_CLASSES}, file) for split, r in records.items()})
 
 def atomic_write(writers):
-    """{path: write(file)}: each file is written to a temporary beside it, and only when all are
-    complete are they renamed into place, so an interruption or a full disk leaves the old set of
-    files, never half a file or a mix of old and new."""
+    """{path: write(file)}: every file is written to a temporary beside it, and all are renamed into place only once
+    all are complete, so an interruption or a full disk leaves the old files, never half a file or a mix."""
     temporaries, umask = {}, os.umask(0)
     os.umask(umask)
     try:
@@ -186,16 +177,12 @@ def first_line(exc):
     return f'{type(exc).__name__}: {text[0]}' if text else type(exc).__name__
 
 def random_corners(images, size):
-    """Top and left corners (each N x 1 x 1), uniform over the positions where a size x size
-    square lies wholly inside the images (N x C x H x W)."""
-    n, _, height, width = images.shape
-    top = torch.randint(height - size + 1, (n, 1, 1), device=images.device)
-    return top, torch.randint(width - size + 1, (n, 1, 1), device=images.device)
+    """Top and left corners (N x 1 x 1 each) of size x size squares placed uniformly inside images N x C x H x W."""
+    return [torch.randint(extent - size + 1, (len(images), 1, 1), device=images.device) for extent in images.shape[2:]]
 
 def batch_crop_flip(padded, size, flip):
-    """A random size x size window of each image, mirrored left-right where the boolean `flip` is
-    set, in one gather over (image, row, col). Of images padded by r pixels on every side, the
-    window is a random translation by up to r pixels in each direction."""
+    """A random size x size window of each image (of images padded by r, a translation by up to r pixels), mirrored
+    where the boolean `flip` is set, in one gather over (image, row, col)."""
     top, left = random_corners(padded, size)
     offsets = torch.arange(size, device=padded.device)
     cols = left + torch.where(flip.view(-1, 1, 1), offsets.flip(0), offsets).view(-1, 1, size)
@@ -203,39 +190,30 @@ def batch_crop_flip(padded, size, flip):
     return padded.permute(0, 2, 3, 1)[index, top + offsets.view(1, size, 1), cols].permute(0, 3, 1, 2)
 
 def batch_cutout(images, size):
-    """Cutout (DeVries and Taylor, 2017): each image with a random size x size square, wholly
-    inside it, set to zero, which after normalization is the mean color."""
+    """Cutout (DeVries and Taylor, 2017): zeroes (the mean color, once normalized) a random size x size square."""
     top, left = random_corners(images, size)
     rows, cols = (torch.arange(32, device=images.device).view(shape) for shape in ((1, -1, 1), (1, 1, -1)))
     inside = (rows >= top) & (rows < top + size) & (cols >= left) & (cols < left + size)
     return images.clone().masked_fill_(inside.unsqueeze(1), 0)  # clone keeps the memory layout
 
 class CifarLoader:
-    """CIFAR-10 batches on one device, augmented a whole epoch at a time on that device.
-
-    `images` (uint8, N x 32 x 32 x 3) and `labels` are plain attributes: replace them, e.g. with a
-    masked subset, before iterating, and the loader serves that data instead.
+    """CIFAR-10 batches on one device, augmented a whole epoch at a time there. `images` (uint8, N x 32 x 32 x 3)
+    and `labels` are plain attributes: replace them (say, with a masked subset) and the loader serves that data.
     aug: {'flip': alternating flip on/off, 'translate': pixels of random reflect-padded translation,
-    'cutout': side of the square zeroed at a random place in each image, after translation and flip}.
-    """
-
-    def __init__(self, data_dir=None, train=True, batch_size=500, aug=None, drop_last=None,
-                 shuffle=None, device=None):
-        if set(aug or {}) - {'flip', 'translate', 'cutout'}:
-            raise UserError(f'unknown augmentation {", ".join(sorted(set(aug) - {"flip", "translate", "cutout"}))}; '
-                            f'known: flip, translate, cutout')
+    'cutout': side of the square zeroed at a random place in each image, after translation and flip}."""
+    def __init__(self, data_dir=None, train=True, batch_size=500, aug=None, drop_last=None, shuffle=None, device=None):
+        if unknown := set(aug or {}) - {'flip', 'translate', 'cutout'}:
+            raise UserError(f'unknown augmentation {", ".join(sorted(unknown))}; known: flip, translate, cutout')
         self.data_dir = data_dir or default_data_dir()
         data = load_cifar10(self.data_dir, train)
         self.device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
         self.images, self.labels = data['images'].to(self.device), data['labels'].to(self.device)
         self.classes, self.aug, self.batch_size = data['classes'], dict(aug or {}), batch_size
-        self.drop_last = train if drop_last is None else drop_last
-        self.shuffle = train if shuffle is None else shuffle
+        self.drop_last, self.shuffle = (train if given is None else given for given in (drop_last, shuffle))
         self.epoch, self.prepared_for = 0, None
 
     def __len__(self):
-        return (len(self.images) // self.batch_size if self.drop_last
-                else math.ceil(len(self.images) / self.batch_size))
+        return len(self.images) // self.batch_size if self.drop_last else math.ceil(len(self.images) / self.batch_size)
 
     def normalize(self, images):
         """uint8 N x H x W x C -> standardized N x C x H x W in the device's precision."""
@@ -249,8 +227,7 @@ class CifarLoader:
                             f'mask both with the same mask')
         pad, flip = self.aug.get('translate', 0), self.aug.get('flip', False)
         if self.prepared_for != (id(self.images), pad):
-            # Normalizing and padding once per dataset, not per epoch, leaves one gather an epoch.
-            # The flip parity drawn here decides the first epoch's flips.
+            # Normalized and padded once per dataset, not per epoch; the flip parity drawn here sets epoch 1's flips.
             normalized = self.normalize(self.images)
             self.source = F.pad(normalized, (pad,) * 4, mode='reflect') if pad > 0 else normalized
             self.flip_parity = torch.rand(len(self.images), device=self.device) < 0.5
@@ -276,7 +253,6 @@ class CifarLoader:
 class BatchNorm(nn.BatchNorm2d):
     """BatchNorm whose scale is frozen at 1 and whose bias learns. Page (2019) saw the scales do
     little but follow weight decay; the next convolution can absorb any scale anyway."""
-
     def __init__(self, num_features, momentum, eps=1e-12):
         super().__init__(num_features, eps=eps, momentum=1 - momentum)
         self.weight.requires_grad = False
@@ -292,7 +268,6 @@ def make_conv(channels_in, channels_out):
 class ConvBlock(nn.Module):
     """conv -> 2x2 max-pool -> BatchNorm -> GELU -> conv -> BatchNorm -> GELU. Pooling before the
     BatchNorm normalizes a quarter of the activations for the same result."""
-
     def __init__(self, channels_in, channels_out, batchnorm_momentum):
         super().__init__()
         self.conv1 = make_conv(channels_in, channels_out)
@@ -301,7 +276,6 @@ class ConvBlock(nn.Module):
         self.conv2 = make_conv(channels_out, channels_out)
         self.norm2 = BatchNorm(channels_out, batchnorm_momentum)
         self.activ = nn.GELU()
-
     def forward(self, x):
         x = self.activ(self.norm1(self.pool(self.conv1(x))))
         return self.activ(self.norm2(self.conv2(x)))
@@ -310,7 +284,6 @@ class Scale(nn.Module):
     def __init__(self, factor):
         super().__init__()
         self.factor = factor
-
     def forward(self, x):
         return x * self.factor
 
@@ -348,10 +321,9 @@ def place_on(model, device):
 COMPILED = {}  # (architecture, device, precision) -> (network, variant with bias, variant without)
 
 def compiled_net(hyp_net, device):
-    """(model, train_bias, freeze_bias): the network, freshly initialized, and its two compiled
-    variants, compiled once per process and architecture as each first runs. Later calls draw new
-    weights exactly as make_net does and copy them into the same tensors, so that the compiled code
-    (and its CUDA graphs) keep working on them."""
+    """(model, train_bias, freeze_bias): the network, freshly initialized, and its two compiled variants, compiled once
+    per process and architecture as each first runs. Later calls draw new weights exactly as make_net does and copy
+    them into the same tensors, so that the compiled code (and its CUDA graphs) keep working on them."""
     fresh = place_on(make_net(hyp_net), device)
     key = (json.dumps(hyp_net, sort_keys=True), str(device), str(precision_for(device)))
     if key not in COMPILED:
@@ -361,8 +333,7 @@ def compiled_net(hyp_net, device):
         torch._dynamo.config.recompile_limit += 8  # all networks' graphs share nn.Sequential's code
         COMPILED[key] = (fresh, torch.compile(fresh, **options), torch.compile(fresh, **options))
     model, train_bias, freeze_bias = COMPILED[key]
-    with torch.no_grad():
-        model.load_state_dict(fresh.state_dict())
+    model.load_state_dict(fresh.state_dict())
     for param, fresh_param in zip(model.parameters(), fresh.parameters()):
         param.requires_grad = fresh_param.requires_grad
     return model, train_bias, freeze_bias
@@ -376,16 +347,13 @@ def init_whitening_conv(conv, images, eps=5e-4):
     (normalized, N x C x H x W): filter i is the i-th eigenvector of the patches' covariance divided
     by sqrt(eigenvalue + eps), so each output has variance about 1 and the outputs are uncorrelated.
     The second half are the negated filters, so the GELU that follows loses no information."""
-    channels, (kernel_h, kernel_w) = conv.in_channels, conv.kernel_size
-    patches = F.unfold(images.float(), (kernel_h, kernel_w)).transpose(1, 2)
-    patches = patches.reshape(-1, channels * kernel_h * kernel_w)
+    patches = F.unfold(images.float(), conv.kernel_size).transpose(1, 2).flatten(0, 1)  # rows: C x kh x kw
     # Normalized images have about zero mean, so the second moment serves as the covariance.
     covariance = patches.T @ patches / len(patches)
     eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
     filters = (eigenvectors / torch.sqrt(eigenvalues + eps)).T.flip(0)  # largest variance first
-    filters = filters.reshape(-1, channels, kernel_h, kernel_w)
     with torch.no_grad():
-        conv.weight.copy_(torch.cat([filters, -filters]))
+        conv.weight.copy_(torch.cat([filters, -filters]).view_as(conv.weight))
 
 #############################################
 #             Optimizer helpers             #
@@ -394,33 +362,26 @@ def init_whitening_conv(conv, images, eps=5e-4):
 class LookaheadState:
     """Lookahead (Zhang et al., 2019) towards a moving average: each update moves the average
     towards the network, then puts the network at the average. BatchNorm statistics included."""
-
     def __init__(self, net):
         self.net_ema = {name: value.detach().clone() for name, value in net.state_dict().items()}
-
     def update(self, net, decay):
         for name, value in net.state_dict().items():
             if value.is_floating_point():
-                average = self.net_ema[name]
-                average.lerp_(value, 1 - decay)
-                value.copy_(average)
+                value.copy_(self.net_ema[name].lerp_(value, 1 - decay))
 
 def make_optimizer(model, hyp_opt):
-    """Nesterov SGD with the decoupled hyperparameters in PyTorch's terms. The loss is summed over
-    the batch, so the gradient grows with the batch and a per-example rate serves every batch size;
-    steady Nesterov momentum m lengthens steps by 1 + 1/(1 - m), which the rate is divided by; and
-    PyTorch multiplies weight decay by the rate, so the decay is passed divided by it."""
-    momentum = hyp_opt['momentum']
-    kilo_step = 1024 * (1 + 1 / (1 - momentum))
+    """Nesterov SGD with the decoupled hyperparameters in PyTorch's terms. The summed loss's gradient grows with the
+    batch, so a per-example rate serves every batch size; steady Nesterov momentum m lengthens steps by 1 + 1/(1 - m),
+    so the rate is divided by that; PyTorch multiplies weight decay by the rate, so the decay is divided by it."""
+    kilo_step = 1024 * (1 + 1 / (1 - hyp_opt['momentum']))
     lr = hyp_opt['lr'] / kilo_step
     decay = hyp_opt['weight_decay'] * hyp_opt['batch_size'] / kilo_step
     bias_lr = lr * hyp_opt['bias_scaler']
     norm_biases = [module.bias for module in model.modules() if isinstance(module, nn.BatchNorm2d)]
-    bias_ids = {id(bias) for bias in norm_biases}
-    others = [p for p in model.parameters() if p.requires_grad and id(p) not in bias_ids]
+    others = [p for p in model.parameters() if p.requires_grad and all(p is not b for b in norm_biases)]
     groups = [dict(params=norm_biases, lr=bias_lr, weight_decay=decay / bias_lr),
               dict(params=others, lr=lr, weight_decay=decay / lr)]
-    return torch.optim.SGD(groups, momentum=momentum, nesterov=True)
+    return torch.optim.SGD(groups, momentum=hyp_opt['momentum'], nesterov=True)
 
 def lr_multiplier(progress, knots):
     """The schedule's learning-rate multiplier at `progress` (0 to 1 through the steps): linear
@@ -443,9 +404,8 @@ def predict(model, inputs, tta_level):
     mirrored = 0.5 * model(inputs) + 0.5 * model(inputs.flip(-1))
     if tta_level == 1:
         return mirrored
-    height, width = inputs.shape[-2:]
     padded = F.pad(inputs, (1,) * 4, mode='reflect')
-    shifted = [padded[..., :height, :width], padded[..., 2:, 2:]]
+    shifted = [padded[..., :-2, :-2], padded[..., 2:, 2:]]
     translated = sum(0.5 * model(view) + 0.5 * model(view.flip(-1)) for view in shifted) / len(shifted)
     return 0.5 * mirrored + 0.5 * translated
 
@@ -458,15 +418,13 @@ def infer(model, loader, tta_level=0):
     model.eval()
     with torch.no_grad():
         inputs = loader.normalize(loader.images)
-        logits = torch.cat([predict(model, batch, tta_level).float()
-                            for batch in inputs.split(loader.batch_size)])
+        logits = torch.cat([predict(model, batch, tta_level).float() for batch in inputs.split(loader.batch_size)])
     model.train(was_training)
     return logits
 
 def evaluate(model, loader, tta_level=0):
     """Accuracy (0 to 1) on loader's images."""
-    logits = infer(model, loader, tta_level)
-    return (logits.argmax(1) == loader.labels).float().mean().item()
+    return (infer(model, loader, tta_level).argmax(1) == loader.labels).float().mean().item()
 
 #############################################
 #                 Training                  #
@@ -475,27 +433,22 @@ def evaluate(model, loader, tta_level=0):
 class Clock:
     """Adds up the seconds spent in `with clock:` blocks: CUDA events on the GPU (they time the
     queued GPU work, not the Python that queues it), time.perf_counter on the CPU."""
-
     def __init__(self, device):
         self.cuda, self.seconds = torch.device(device).type == 'cuda', 0.0
-
     def now(self):
         if not self.cuda:
             return time.perf_counter()
         (event := torch.cuda.Event(enable_timing=True)).record()
         return event
-
     def __enter__(self):
         self.start = self.now()
-
     def __exit__(self, *exc_info):
         end = self.now()
         self.seconds += (torch.cuda.synchronize() or self.start.elapsed_time(end) / 1000) if self.cuda \
             else end - self.start
 
 def print_row(cells, head=False, rule=False):
-    """A row of the per-epoch table (floats to 4 places, None blank), with rules around a head
-    row and below a row with `rule`."""
+    """A row of the per-epoch table (floats to 4 places, None blank); rules around a head, and below a `rule` row."""
     texts = [f'{x:.4f}' if isinstance(x, float) else '' if x is None else str(x) for x in cells]
     line = '| ' + ' | '.join(text.rjust(len(column)) for text, column in zip(texts, COLUMNS)) + ' |'
     print(*['-' * len(line)] * head, line, *['-' * len(line)] * (head or rule), sep='\n', flush=True)
@@ -503,12 +456,10 @@ def print_row(cells, head=False, rule=False):
 COLUMNS = ('run', 'epoch', 'train_loss', 'train_acc', 'val_acc', 'tta_val_acc', 'time_seconds')
 
 def train(hyp=hyp, train_loader=None, test_loader=None, device=None, run=None, verbose=True):
-    """Trains one network with the recipe in `hyp` and returns (model, result); result holds
-    tta_val_acc, val_acc, time_seconds, train_loss, train_acc and steps. The train loader defaults
-    to CIFAR-10 in default_data_dir(), the test loader to the train loader's folder; `device` to
-    the train loader's. `run` labels the per-epoch table's rows (its head is printed above run 0
-    or None), and verbose=False prints nothing. On CUDA this turns on cudnn.benchmark for the
-    process: every step has the same shapes, so autotuning pays."""
+    """Trains one network with the recipe in `hyp`; returns (model, result), result holding tta_val_acc, val_acc,
+    time_seconds, train_loss, train_acc and steps. Loaders default to CIFAR-10 in default_data_dir() (the test loader
+    to the train loader's folder), `device` to the train loader's. `run` labels the per-epoch table's rows (head above
+    run 0 or None); verbose=False prints nothing. On CUDA this sets cudnn.benchmark: every step has the same shapes."""
     opt = hyp['opt']
     if train_loader is None:
         train_loader = CifarLoader(None, True, opt['batch_size'], hyp['aug'], device=device)
@@ -560,8 +511,7 @@ def train(hyp=hyp, train_loader=None, test_loader=None, device=None, run=None, v
         train_loss = loss.item() / len(labels)
         train_acc = (outputs.detach().argmax(1) == labels).float().mean().item()
         if not math.isfinite(train_loss):
-            raise UserError(f'training diverged: the loss is {train_loss} after epoch {epoch + 1}; '
-                            f'a lower opt.lr may help')
+            raise UserError(f'training diverged (loss {train_loss} after epoch {epoch + 1}); a lower opt.lr may help')
         val_acc = evaluate(net, test_loader, tta_level=0)
         if verbose:
             print_row([run, epoch + 1, train_loss, train_acc, val_acc, None, clock.seconds])
@@ -575,9 +525,8 @@ def train(hyp=hyp, train_loader=None, test_loader=None, device=None, run=None, v
                    'train_loss': train_loss, 'train_acc': train_acc, 'steps': total_steps}
 
 def warmup(hyp=hyp, train_loader=None, device=None, verbose=True):
-    """The untimed warm-up before timed runs (paper, section 2): one training on random labels,
-    which compiles the network, on every device, for just the epochs that reach both variants. It
-    replaces the labels of train_loader. Returns whether it trained."""
+    """The untimed warm-up before timed runs (paper, section 2), on every device: one training on random labels (which
+    replace train_loader's), just long enough to compile both variants of the network. Returns whether it trained."""
     started, epochs = time.perf_counter(), min(hyp['opt']['train_epochs'], hyp['opt']['whiten_bias_epochs'] + 1)
     hyp = {**hyp, 'opt': {**hyp['opt'], 'train_epochs': epochs}}
     if verbose:
@@ -593,23 +542,20 @@ def warmup(hyp=hyp, train_loader=None, device=None, verbose=True):
 #############################################
 
 def write_log(folder, info, results):
-    """log.pt (this script's source, the accuracies as a tensor, all else) and summary.json (all
-    else), in the format of study.py, which adds statistics. Both files are renamed into place
-    together, so they never disagree: a full disk leaves both at the last complete write."""
-    with open(__file__, encoding='utf-8') as file:
-        code = file.read()
-    accs = [result['tta_val_acc'] for result in results]
-    n, mean = len(accs), sum(accs) / max(len(accs), 1)
-    summary = {**info, 'source_sha256': hashlib.sha256(code.encode()).hexdigest(), 'n': n,
-               'mean': mean if n else None, 'std': math.sqrt(sum((a - mean) ** 2 for a in accs) / (n - 1))
-               if n > 1 else None, 'mean_time_seconds': sum(r['time_seconds'] for r in results) / n if n else None,
-               'runs': results}
+    """log.pt (all, with this script's source) and summary.json (all but the source) in study.py's format, renamed
+    into place together: they never disagree, and a full disk leaves both at the last complete write."""
+    code = pathlib.Path(__file__).read_text(encoding='utf-8')
+    accs, times = [result['tta_val_acc'] for result in results], [result['time_seconds'] for result in results]
+    summary = {**info, 'source_sha256': hashlib.sha256(code.encode()).hexdigest(), 'n': len(accs),
+               'mean': statistics.fmean(accs) if accs else None, 'std': statistics.stdev(accs) if len(accs) > 1
+               else None, 'mean_time_seconds': statistics.fmean(times) if times else None, 'runs': results}
     log = {**summary, 'code': code, 'accs': torch.tensor(accs, dtype=torch.float64)}
     try:
+        os.makedirs(folder, exist_ok=True)
         atomic_write({os.path.join(folder, 'summary.json'): lambda f: f.write(json.dumps(summary, indent=2).encode()),
                       os.path.join(folder, 'log.pt'): lambda f: torch.save(log, f)})
     except OSError as exc:
-        raise UserError(f'cannot write the log ({first_line(exc)})') from None
+        raise UserError(f'cannot write the log in {folder} ({first_line(exc)})') from None
     return summary
 
 def main(argv=None):
@@ -629,11 +575,9 @@ def main(argv=None):
         if args.runs < 1:
             raise UserError(f'--runs must be at least 1, not {args.runs}')
         if not os.path.isdir(args.data_dir) and args.data_dir != 'cifar10':
-            raise UserError(f'--data-dir {args.data_dir} is not a folder; correct it, or create it to '
-                            f'download CIFAR-10 into it')
+            raise UserError(f'--data-dir {args.data_dir} is not a folder; correct it or create it to download into it')
         try:
-            device = torch.device(args.device)
-            torch.empty(0, device=device)
+            torch.empty(0, device=(device := torch.device(args.device)))
         except (RuntimeError, AssertionError) as exc:  # a CPU-only torch asserts
             raise UserError(f'cannot use --device {args.device} ({first_line(exc)}); try --device cpu') from None
         loader = CifarLoader(args.data_dir, True, hyp['opt']['batch_size'], hyp['aug'], device=device)
@@ -642,14 +586,9 @@ def main(argv=None):
         warmup(hyp, loader)
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%dT%H-%M-%SZ')
         folder = os.path.join('logs', name, f'{stamp}-{os.getpid()}')
-        info = {'format': 'airbench-study/1', 'script': f'{name}.py', 'status': 'running',
+        info = {'format': 'airbench-study/1', 'script': f'{name}.py', 'status': 'running', 'started': stamp,
                 'command': ' '.join(sys.argv), 'hyp': hyp, 'device': str(device), 'torch': str(torch.__version__),
-                'device_name': torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu',
-                'data': data, 'started': stamp}
-        try:
-            os.makedirs(folder)
-        except OSError as exc:
-            raise UserError(f'cannot create the log folder {folder} ({first_line(exc)})') from None
+                'device_name': torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu', 'data': data}
         write_log(folder, info, results)
         for run in range(args.runs):
             seed = torch.seed()  # logged, so that any run can be repeated
@@ -658,9 +597,8 @@ def main(argv=None):
             write_log(folder, info, results + [result])  # a run counts once it is on disk
             results.append(result)
         summary = write_log(folder, {**info, 'status': 'complete'}, results)
-        print(f'{name}: {summary["n"]} run{"s" * (summary["n"] > 1)}, mean TTA accuracy '
-              f'{100 * summary["mean"]:.2f}%, std {100 * (summary["std"] or 0):.2f}, mean time '
-              f'{summary["mean_time_seconds"]:.3f} s; log {folder}')
+        print(f'{name}: {summary["n"]} run{"s" * (summary["n"] > 1)}, mean TTA accuracy {100 * summary["mean"]:.2f}%, '
+              f'std {100 * (summary["std"] or 0):.2f}, mean time {summary["mean_time_seconds"]:.3f} s; log {folder}')
     except (UserError, KeyboardInterrupt) as exc:
         interrupted = isinstance(exc, KeyboardInterrupt)
         message = f'interrupted ({str(exc) or "SIGINT"})' if interrupted else f'error: {exc}'

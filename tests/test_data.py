@@ -103,7 +103,7 @@ def test_tarball_with_bad_records(recipe, tmp_path, monkeypatch, damage, problem
     path = tmp_path / 'cifar-10-binary.tar.gz'
     make_tarball(str(path), damage=damage)
     serve(recipe, monkeypatch, path)
-    with pytest.raises(recipe.UserError, match='not a readable CIFAR-10 binary tarball') as error:
+    with pytest.raises(recipe.UserError, match='not a readable CIFAR-10 tarball') as error:
         recipe.load_cifar10(str(tmp_path))
     assert problem in str(error.value) and not (tmp_path / 'test.pt').exists()
 
