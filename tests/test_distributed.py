@@ -21,14 +21,12 @@ def airbench94():
     return importlib.import_module('airbench94')
 
 
-def torchrun(recipe, data_dir, log_dir, *args, recipe_file=None, processes=2, device='cpu'):
+def torchrun(recipe, data_dir, log_dir, *args, recipe_file=None, processes=2):
     """study.py under torchrun on the recipe (or on recipe_file, a recipe by path), at test size:
     (process, seconds taken)."""
-    arguments = study_args(recipe, data_dir, log_dir, *args, device=device)
+    arguments = study_args(recipe, data_dir, log_dir, *args)
     if recipe_file:
         arguments[0] = str(recipe_file)
-    if device is None:
-        arguments[arguments.index('--device'):arguments.index('--device') + 2] = []
     command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={processes}',
                os.path.join(ROOT, 'study.py'), *arguments]
     started = time.monotonic()
@@ -112,11 +110,17 @@ def test_a_rank_that_dies_outright(airbench94, tiny_data, tmp_path):
 
 
 @pytest.mark.skipif(importlib.import_module('torch').cuda.is_available(), reason='this machine has CUDA')
-def test_torchrun_without_cuda_asks_for_the_cpu(airbench94, tiny_data, tmp_path):
-    done, _ = torchrun(airbench94, tiny_data, tmp_path, processes=1, device=None)
-    assert done.returncode != 0
-    assert 'study.py: rank 0: error: under torchrun each rank trains on cuda:LOCAL_RANK' in done.stderr
-    assert 'add --device cpu' in done.stderr and not os.listdir(tmp_path)
+def test_torchrun_without_cuda_asks_for_the_cpu(airbench94, tiny_data, tmp_path, capsys, monkeypatch):
+    """As a rank that torchrun started (its environment), before any connection is made."""
+    for key, value in {'RANK': '0', 'WORLD_SIZE': '1', 'LOCAL_RANK': '0'}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(study.torch.distributed, 'init_process_group', lambda *a, **k: pytest.fail('connected'))
+    arguments = study_args(airbench94, tiny_data, tmp_path, device=None)
+    del arguments[arguments.index('--device'):arguments.index('--device') + 2]
+    status, _, err = run_main(study, capsys, *arguments)
+    assert status == 1
+    assert 'study.py: rank 0: error: under torchrun each rank trains on cuda:LOCAL_RANK' in err
+    assert 'add --device cpu' in err and not os.listdir(tmp_path)
 
 
 def test_gather_timeout_outlasts_a_download_or_a_compile(monkeypatch):

