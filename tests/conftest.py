@@ -2,10 +2,12 @@
 
 A recipe script joins the whole suite by getting an entry in RECIPES.
 """
+import glob
 import importlib
 import json
 import os
 import sys
+import time
 
 import pytest
 import torch
@@ -288,3 +290,20 @@ def only_log(log_dir, name):
 def read_summary(folder):
     with open(os.path.join(folder, 'summary.json')) as file:
         return json.load(file)
+
+
+def signal_after_first_run(process, log_dir, name, signal_number):
+    """Sends signal_number to a process that logs to the one folder under log_dir/name, once its
+    log holds a finished run; returns the process's stderr. The process never outlives the test."""
+    def finished_runs():
+        summaries = glob.glob(os.path.join(log_dir, name, '*', 'summary.json'))
+        return read_summary(os.path.dirname(summaries[0]))['n'] if summaries else 0
+    try:
+        deadline = time.monotonic() + 300
+        while finished_runs() < 1 and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert finished_runs() >= 1 and process.poll() is None, 'no run finished in time to stop'
+        process.send_signal(signal_number)
+        return process.communicate(timeout=60)[1]
+    finally:
+        process.kill()

@@ -8,13 +8,12 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 import compare
-from conftest import ROOT, assert_one_line, only_log, read_summary, run_main, tiny_hyp
+from conftest import ROOT, assert_one_line, only_log, read_summary, run_main, signal_after_first_run, tiny_hyp
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
@@ -125,19 +124,7 @@ def test_stopped_record_attempt_process(signal_number, tiny_data, tmp_path):
                                 '--device', 'cpu'], cwd=tmp_path, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True,
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-
-    def finished_runs():
-        summaries = glob.glob(str(tmp_path / 'logs' / recipe.__name__ / '*' / 'summary.json'))
-        return read_summary(os.path.dirname(summaries[0]))['n'] if summaries else 0
-    try:
-        deadline = time.monotonic() + 300
-        while finished_runs() < 1 and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert finished_runs() >= 1 and process.poll() is None, 'no run finished in time to stop'
-        process.send_signal(signal_number)
-        _, err = process.communicate(timeout=60)
-    finally:
-        process.kill()
+    err = signal_after_first_run(process, tmp_path / 'logs', recipe.__name__, signal_number)
     folder = only_log(tmp_path / 'logs', recipe.__name__)
     summary = read_summary(folder)
     assert process.returncode == status

@@ -9,14 +9,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 import study
 from conftest import (RECIPES, ROOT, assert_one_line, failed_study, only_log, read_summary, run_main,
-                      study_args, tiny_set_args)
+                      signal_after_first_run, study_args)
 
 SEEDED = ('--seed', '7', '--set', 'opt.label_smoothing=0.1')
 
@@ -95,19 +94,7 @@ def test_stopped_study_keeps_finished_runs(airbench94, tiny_data, tmp_path, sign
     the finished runs kept, the log marked interrupted."""
     process = run_study_process(*study_args(airbench94, tiny_data, tmp_path, '--runs', '500'),
                                 stdout=subprocess.DEVNULL)
-
-    def finished_runs():
-        summaries = glob.glob(os.path.join(tmp_path, 'airbench94', '*', 'summary.json'))
-        return read_summary(os.path.dirname(summaries[0]))['n'] if summaries else 0
-    try:
-        deadline = time.monotonic() + 300
-        while finished_runs() < 1 and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert finished_runs() >= 1 and process.poll() is None, 'no run finished in time to interrupt'
-        process.send_signal(signal_number)
-        _, err = process.communicate(timeout=60)
-    finally:
-        process.kill()  # a study of 500 runs must not outlive a failed test
+    err = signal_after_first_run(process, tmp_path, 'airbench94', signal_number)
     folder = only_log(tmp_path, 'airbench94')
     summary = read_summary(folder)
     assert process.returncode == status
