@@ -428,7 +428,7 @@ class Muon(torch.optim.Optimizer):
                 direction = weight.grad.add(buffer, alpha=group['momentum'])
                 weight.mul_(math.sqrt(len(weight)) / weight.norm())
                 update = self.orthogonalize(direction.reshape(len(weight), -1), group['newton_schulz_steps'])
-                weight.add_(update.view(weight.shape).to(weight.dtype), alpha=-group['lr'])
+                weight.add_(update.view(weight.shape), alpha=-group['lr'])  # casts as it adds: one kernel
 
 def make_optimizers(model, hyp_opt, orthogonalize=newton_schulz):
     """(sgd, muon). Muon trains the conv filters (4-D weights). Nesterov SGD trains the rest in three groups (the
@@ -443,7 +443,7 @@ def make_optimizers(model, hyp_opt, orthogonalize=newton_schulz):
     for group in groups:
         group['weight_decay'] = decay / group['lr']
     muon = Muon(filters, hyp_opt['muon_lr'], hyp_opt['muon_momentum'], hyp_opt['newton_schulz_steps'], orthogonalize)
-    return torch.optim.SGD(groups, momentum=hyp_opt['momentum'], nesterov=True), muon
+    return torch.optim.SGD(groups, momentum=hyp_opt['momentum'], nesterov=True, fused=True), muon  # as the record
 
 def lr_multiplier(progress, knots):
     """The schedule's learning-rate multiplier at `progress` (0 to 1 through the steps): linear

@@ -159,6 +159,7 @@ CHECKS = {
     'opt.label_smoothing': (lambda v: 0 <= v <= 1, 'in [0, 1]'),
     'opt.lr_knots': (knots_rise, '(fraction, multiplier) pairs with fractions rising from 0 to 1'),
     'opt.whiten_bias_epochs': (lambda v: v >= 0, 'at least 0'),
+    'opt.proxy_whiten_bias_epochs': (lambda v: v >= 0, 'at least 0'),
     'opt.lookahead_every': (lambda v: v >= 1, 'at least 1'),
     'opt.lookahead_decay': (lambda v: 0 <= v <= 1, 'in [0, 1]'),
     'opt.filter_keep': (lambda v: 0 < v <= 1, 'in (0, 1]'),

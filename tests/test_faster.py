@@ -117,6 +117,7 @@ def test_whole_compiled_study_on_tiny_cpu_data(faster, tiny_data, tmp_path, caps
         status, out, err = run_main(study, capsys, *study_args(
             faster, tiny_data, tmp_path / name, '--runs', '2', '--set', 'net.compile_on_cpu=True',
             '--set', f'net.compile_backend="{RECORDING_BACKEND}"', '--set', 'opt.whiten_bias_epochs=1',
+            '--set', 'opt.proxy_whiten_bias_epochs=1',
             '--set', 'net.widths.block1=12'))
         assert status == 0 and err == ''
         warmup, runs = out.split('compiled in ')
@@ -125,6 +126,31 @@ def test_whole_compiled_study_on_tiny_cpu_data(faster, tiny_data, tmp_path, caps
     # The network's two variants and evaluation; the proxy's two variants, learning and scoring.
     assert compiled[0] >= 3 + 4 and compiled[1] == 0
     assert {proxy for _, proxy, *_ in faster.COMPILED} == {False, True}
+
+
+def test_whitening_biases_as_the_published_run_had_them(faster, tiny_data, whitening_bias_history):
+    """By default the main network's whitening bias trains in every step of the run (the published
+    run never froze it), and the proxy's in none: it stays at zero."""
+    convs, had_gradient = whitening_bias_history(faster)
+    hyp = tiny_hyp(faster)
+    torch.manual_seed(0)
+    model, result = faster.train(hyp, *tiny_loaders(faster, tiny_data, hyp), device='cpu', verbose=False)
+    main, proxy = convs
+    assert had_gradient[main] == [True] * result['steps'] and model.whiten.bias.abs().sum() > 0
+    assert len(had_gradient[proxy]) == math.ceil(result['steps'] / hyp['opt']['proxy_every'])
+    assert not any(had_gradient[proxy]) and not proxy.bias.any()
+
+
+@pytest.mark.parametrize('biases, epochs', [({}, 1), ({'opt.whiten_bias_epochs': 3}, 4),
+                                            ({'opt.proxy_whiten_bias_epochs': 2}, 3),
+                                            ({'opt.whiten_bias_epochs': 0, 'opt.proxy_whiten_bias_epochs': 46}, 1)])
+def test_warmup_reaches_every_variant_the_runs_use(faster, tiny_data, monkeypatch, biases, epochs):
+    """The warm-up trains until the last bias that freezes mid-run has frozen; with none, one epoch."""
+    trained = []
+    monkeypatch.setattr(faster, 'train', lambda hyp, *args, **kwargs: trained.append(hyp['opt']['train_epochs']))
+    hyp = study.override_hyp(faster.hyp, {'net.compile_on_cpu': True, **biases})
+    loader = faster.CifarLoader(tiny_data, True, 32, device='cpu')
+    assert faster.warmup(hyp, loader, 'cpu', verbose=False) and trained == [epochs]
 
 
 @pytest.mark.parametrize('setting, message', [('opt.filter_keep=0.0', 'opt.filter_keep must be in (0, 1]'),

@@ -77,7 +77,7 @@ def test_parameter_groups_and_learning_rates(muon):
     assert [group['lr'] for group in sgd.param_groups] == [0.053, 0.053, 0.67]
     for group in sgd.param_groups:  # decoupled: each step shrinks by 2e-6 x 2000, whatever the rate
         assert group['lr'] * group['weight_decay'] == pytest.approx(2e-6 * 2000)
-        assert group['nesterov'] and group['momentum'] == 0.85
+        assert group['nesterov'] and group['momentum'] == 0.85 and group['fused']
     grouped = [id(p) for optimizer in (sgd, muon_optimizer)
                for group in optimizer.param_groups for p in group['params']]
     trainable = [id(p) for p in model.parameters() if p.requires_grad]
