@@ -305,3 +305,14 @@ def test_normalize_standardizes_channels(recipe, tiny_data):
     std = torch.tensor(recipe.CIFAR10_STD) * 255
     expected = (images.float().mean((0, 1, 2)) - mean) / std
     assert torch.allclose(normalized.mean((0, 2, 3)), expected, atol=1e-4)
+
+
+def test_normalize_in_half_precision(recipe, tiny_data, monkeypatch):
+    """The CUDA path (forced on the CPU): fp16 channels-last, computed in fp16 from the uint8 images,
+    the fp32 result up to fp16 rounding (1/512 near the largest values, 2.1)."""
+    loader = recipe.CifarLoader(tiny_data, True, 16, device='cpu')
+    reference = loader.normalize(loader.images)
+    monkeypatch.setattr(recipe, 'precision_for', lambda device: (torch.float16, torch.channels_last))
+    normalized = loader.normalize(loader.images)
+    assert normalized.dtype == torch.float16 and normalized.is_contiguous(memory_format=torch.channels_last)
+    assert (normalized.float() - reference).abs().max() < 4e-3
