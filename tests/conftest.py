@@ -221,6 +221,15 @@ def whitening_bias_history(monkeypatch):
     handle.remove()
 
 
+def assert_static_batch_sizes(graphs):
+    """The graphs take the training batch (32) and the evaluation batch (64) at fixed sizes: no
+    size is symbolic, as dynamo makes a batch size it has seen change unless dynamic=False."""
+    shapes = [node.meta['example_value'].shape for graph in graphs for node in graph.graph.nodes
+              if node.op == 'placeholder' and isinstance(node.meta.get('example_value'), torch.Tensor)]
+    assert all(isinstance(size, int) for shape in shapes for size in shape), shapes
+    assert {shape[0] for shape in shapes if len(shape) == 4} >= {32, 64}
+
+
 def go_offline(monkeypatch, module, url_attribute):
     """module.<url_attribute> points at a port that refuses, with no proxy to wait on."""
     for proxy in ('http_proxy', 'HTTP_PROXY', 'https_proxy', 'HTTPS_PROXY', 'all_proxy', 'ALL_PROXY'):

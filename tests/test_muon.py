@@ -4,11 +4,12 @@ import math
 
 import pytest
 import torch
+from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import study
-from conftest import (RECORDING_BACKEND, TINY, TINY_TRAIN_IMAGES, failed_study, run_main, study_args, tiny_hyp,
-                      tiny_loaders)
+from conftest import (RECORDING_BACKEND, TINY, TINY_TRAIN_IMAGES, assert_static_batch_sizes, failed_study, run_main,
+                      study_args, tiny_hyp, tiny_loaders)
 
 
 @pytest.fixture(scope='module')
@@ -150,8 +151,26 @@ def test_network_and_newton_schulz_are_compiled_once(muon, tiny_data, graphs_com
     # 12 -> 20, 20 -> 20). The network: two variants in training, and evaluation.
     newton_schulz_graphs = [graph for graph in graphs_compiled[before:] if 'bfloat16' in graph.code]
     assert len(newton_schulz_graphs) == 4 and first_run >= 3 + 4
+    assert_static_batch_sizes(graphs_compiled[before:])
     assert len(graphs_compiled) - before == first_run
     assert results[0]['train_loss'] != results[1]['train_loss']
+
+
+def test_update_is_cast_as_it_is_added(muon):
+    """An fp16 weight (the GPU's) takes Muon's bfloat16 update in one operation, rounded once: within
+    half a unit of fp16 of the exact sum, where a cast to fp16 first would round twice."""
+    torch.manual_seed(0)
+    weight = nn.Parameter(torch.randn(16, 8, 3, 3).half())
+    weight.grad = torch.randn_like(weight)
+    update = torch.randn(16, 72).bfloat16()
+    optimizer = muon.Muon([weight], lr=0.3, momentum=0.6, newton_schulz_steps=3,
+                          orthogonalize=lambda matrix, steps: update)
+    rescaled = weight.detach().clone().mul_(4 / weight.detach().norm())  # Frobenius norm sqrt(16)
+    optimizer.step()
+    exact = rescaled.float() - 0.3 * update.view(16, 8, 3, 3).float()
+    magnitude = exact.abs().half()
+    ulp = torch.nextafter(magnitude, torch.tensor(float('inf'), dtype=torch.float16)).float() - magnitude.float()
+    assert ((weight.detach().float() - exact).abs() / ulp).max() <= 0.5  # a cast first: 51 ulp here
 
 
 def test_whole_compiled_study_on_tiny_cpu_data(muon, tiny_data, tmp_path, capsys):

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import study
-from conftest import RECIPES, RECORDING_BACKEND, ROOT, failed_study, run_main, study_args, tiny_hyp, tiny_loaders
+from conftest import (RECIPES, RECORDING_BACKEND, ROOT, assert_static_batch_sizes, failed_study, run_main, study_args,
+                      tiny_hyp, tiny_loaders)
 
 SIBLINGS = [name for name, facts in RECIPES.items() if 'diff_bound' in facts]
 
@@ -139,11 +140,13 @@ def test_compiled_training_equals_plain_training(compiled, tiny_data):
 
 def test_network_is_compiled_once_and_reused(compiled, tiny_data, graphs_compiled):
     widths = {'block1': 12, 'block2': 16, 'block3': 16}  # an architecture no other test compiles
+    before = len(graphs_compiled)
     first_model, first = train_tiny_compiled(compiled, tiny_data, seed=0, net__widths=widths,
                                              net__compile_backend=RECORDING_BACKEND)
     compilations = len(graphs_compiled)
     # Both variants in training, and evaluation: at least three graphs.
     assert compilations >= 3
+    assert_static_batch_sizes(graphs_compiled[before:])
     second_model, second = train_tiny_compiled(compiled, tiny_data, seed=1, net__widths=widths,
                                                net__compile_backend=RECORDING_BACKEND)
     assert len(graphs_compiled) == compilations  # the second run compiled nothing
