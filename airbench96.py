@@ -218,7 +218,7 @@ class CifarLoader:
         """uint8 N x H x W x C -> standardized N x C x H x W, in the device's precision from the start (fp16: half the
         bytes of a detour through fp32). The permuted N x H x W x C is already channels-last: no copy on the GPU."""
         dtype, memory_format = precision_for(self.device)
-        mean, std = (torch.tensor(stat, dtype=dtype, device=self.device) * 255 for stat in (CIFAR10_MEAN, CIFAR10_STD))
+        mean, std = (torch.tensor(s, dtype=dtype, device=images.device) * 255 for s in (CIFAR10_MEAN, CIFAR10_STD))
         return ((images.to(dtype) - mean) / std).permute(0, 3, 1, 2).contiguous(memory_format=memory_format)
 
     def __iter__(self):
