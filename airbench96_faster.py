@@ -577,15 +577,15 @@ def train(hyp=hyp, train_loader=None, test_loader=None, device=None, run=None, v
                    'train_loss': train_loss, 'train_acc': train_acc, 'steps': total_steps}
 
 def warmup(hyp=hyp, train_loader=None, device=None, verbose=True):
-    """The untimed warm-up before timed runs (paper, section 2), where the networks are compiled: one training on
-    random labels (which replace train_loader's), just long enough to compile every variant that the runs use.
-    Returns whether it trained."""
+    """The untimed warm-up before timed runs (paper, section 2), where the networks are compiled: a training on
+    random labels (which replace train_loader's) that compiles every variant the runs use. Returns whether it did."""
     if not compiles(hyp['net'], device or train_loader.device):
         return False
-    opt = hyp['opt']  # a bias frozen after the first epoch and before the last needs both of its variants
-    freezes = [e for e in (opt['whiten_bias_epochs'], opt['proxy_whiten_bias_epochs']) if 0 < e < opt['train_epochs']]
-    started, epochs = time.perf_counter(), min(opt['train_epochs'], max(freezes, default=0) + 1)
-    hyp = {**hyp, 'opt': {**hyp['opt'], 'train_epochs': epochs}}
+    opt = hyp['opt']  # a bias that freezes mid-run needs both variants: here it freezes after one epoch
+    freezes = {key: 1 for key in ('whiten_bias_epochs', 'proxy_whiten_bias_epochs')
+               if 0 < opt[key] < opt['train_epochs']}
+    started, epochs = time.perf_counter(), min(opt['train_epochs'], 2 if freezes else 1)
+    hyp = {**hyp, 'opt': {**opt, **freezes, 'train_epochs': epochs}}
     if verbose:
         print('warm-up run on random labels, not part of the study')
     train_loader.labels = torch.randint_like(train_loader.labels, len(CIFAR10_CLASSES))

@@ -34,8 +34,8 @@ def load_cifar10(data_dir):  # [train, test]: {'images': uint8 N x 32 x 32 x 3, 
         data = [torch.load(f'{data_dir}/{s}.pt', weights_only=True) for s in ('train', 'test')]
         if all(d['images'].shape[1:] == (32, 32, 3) and d['labels'].ndim == 1 for d in data):
             return data
-    except Exception as error:
-        sys.exit(f'cannot read {data_dir}/train.pt or test.pt ({error!r}): delete both, run again')
+    except Exception as bad:
+        sys.exit(f'cannot read {data_dir}/train.pt or test.pt ({type(bad).__name__}): delete both')
     sys.exit(f'{data_dir}/train.pt or test.pt holds no CIFAR-10 images: delete both, run again')
 
 def make_net():  # each 3x3 conv: a 2x2 max-pool if it doubles the width, then BatchNorm and CELU

@@ -141,16 +141,21 @@ def test_whitening_biases_as_the_published_run_had_them(faster, tiny_data, white
     assert not any(had_gradient[proxy]) and not proxy.bias.any()
 
 
-@pytest.mark.parametrize('biases, epochs', [({}, 1), ({'opt.whiten_bias_epochs': 3}, 4),
-                                            ({'opt.proxy_whiten_bias_epochs': 2}, 3),
-                                            ({'opt.whiten_bias_epochs': 0, 'opt.proxy_whiten_bias_epochs': 46}, 1)])
-def test_warmup_reaches_every_variant_the_runs_use(faster, tiny_data, monkeypatch, biases, epochs):
-    """The warm-up trains until the last bias that freezes mid-run has frozen; with none, one epoch."""
-    trained = []
-    monkeypatch.setattr(faster, 'train', lambda hyp, *args, **kwargs: trained.append(hyp['opt']['train_epochs']))
-    hyp = study.override_hyp(faster.hyp, {'net.compile_on_cpu': True, **biases})
+@pytest.mark.parametrize('settings, trained', [
+    ({}, (1, 45, 0)),  # neither bias freezes mid-run: one epoch compiles all
+    ({'opt.whiten_bias_epochs': 40}, (2, 1, 0)),  # the main one does: it freezes after the first epoch
+    ({'opt.proxy_whiten_bias_epochs': 2}, (2, 45, 1)),
+    ({'opt.train_epochs': 50.0}, (2, 1, 0)),  # not 46 epochs of warm-up
+    ({'opt.whiten_bias_epochs': 0, 'opt.proxy_whiten_bias_epochs': 46}, (1, 0, 46))])
+def test_warmup_reaches_every_variant_the_runs_use(faster, tiny_data, monkeypatch, settings, trained):
+    """(epochs, whitening-bias epochs, the proxy's) of the warm-up: a bias that freezes mid-run in
+    the timed runs freezes after the warm-up's first epoch, so that both its variants compile."""
+    seen = []
+    monkeypatch.setattr(faster, 'train', lambda hyp, *args, **kwargs: seen.append(
+        tuple(hyp['opt'][key] for key in ('train_epochs', 'whiten_bias_epochs', 'proxy_whiten_bias_epochs'))))
+    hyp = study.override_hyp(faster.hyp, {'net.compile_on_cpu': True, **settings})
     loader = faster.CifarLoader(tiny_data, True, 32, device='cpu')
-    assert faster.warmup(hyp, loader, 'cpu', verbose=False) and trained == [epochs]
+    assert faster.warmup(hyp, loader, 'cpu', verbose=False) and seen == [trained]
 
 
 @pytest.mark.parametrize('setting, message', [('opt.filter_keep=0.0', 'opt.filter_keep must be in (0, 1]'),

@@ -157,8 +157,9 @@ def test_network_and_newton_schulz_are_compiled_once(muon, tiny_data, graphs_com
 
 
 def test_update_is_cast_as_it_is_added(muon):
-    """An fp16 weight (the GPU's) takes Muon's bfloat16 update in one operation, rounded once: within
-    half a unit of fp16 of the exact sum, where a cast to fp16 first would round twice."""
+    """An fp16 weight (the GPU's) takes Muon's bfloat16 update in one operation (the cast inside the
+    add), correctly rounded: within half a unit of fp16 of the exact sum. (The former cast first
+    made the add an fp16 one, which on the CPU also rounds the rate to fp16: 51 ulp off here.)"""
     torch.manual_seed(0)
     weight = nn.Parameter(torch.randn(16, 8, 3, 3).half())
     weight.grad = torch.randn_like(weight)
@@ -170,7 +171,7 @@ def test_update_is_cast_as_it_is_added(muon):
     exact = rescaled.float() - 0.3 * update.view(16, 8, 3, 3).float()
     magnitude = exact.abs().half()
     ulp = torch.nextafter(magnitude, torch.tensor(float('inf'), dtype=torch.float16)).float() - magnitude.float()
-    assert ((weight.detach().float() - exact).abs() / ulp).max() <= 0.5  # a cast first: 51 ulp here
+    assert ((weight.detach().float() - exact).abs() / ulp).max() <= 0.5
 
 
 def test_whole_compiled_study_on_tiny_cpu_data(muon, tiny_data, tmp_path, capsys):
