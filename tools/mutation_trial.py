@@ -1,0 +1,246 @@
+"""The mutation trial of the suite (issue 14): plausible one-line bugs, each applied alone to a copy of
+the repository, and the fast tests (no CIFAR10_DIR) that concern the mutated recipe run on it. A
+mutant that no test fails survives. Not part of CI: it takes about half an hour on two cores.
+
+    python tools/mutation_trial.py [RECIPE ...] [--json results.json]
+
+For each recipe it runs the tests parametrized with it plus its own tests (OWN_TESTS), never the
+test that compares airbench94 with airbench94_compiled: a bug in both copies passes that one, so a
+kill must come from a test that pins the arithmetic itself. A survivor is then run against the whole
+fast suite before it is reported as a survivor. Prints one markdown table per recipe.
+"""
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+AIRBENCH = ['airbench94', 'airbench94_compiled', 'airbench95', 'airbench96', 'airbench96_faster',
+            'airbench94_muon']
+CROSS_COPY_TEST = 'test_compiled_training_equals_plain_training'
+OWN_TESTS = {  # tests that import the recipe themselves, beyond those parametrized with its name
+    'airbench94_compiled': ['tests/test_recipes.py::test_network_is_compiled_once_and_reused',
+                            'tests/test_recipes.py::test_warmup_compiles_and_reports_its_time'],
+    'airbench96': ['tests/test_recipes.py::test_residual_block_adds_first_stage_to_third_norm',
+                   'tests/test_recipes.py::test_cutout_squares_over_an_epoch'],
+    'airbench96_faster': ['tests/test_faster.py'],
+    'airbench94_muon': ['tests/test_muon.py'],
+    'cifar94_simple': ['tests/test_simple.py'],
+}
+
+# (what the bug is, the line as it is, the line with the bug), tried on every airbench script
+# whose source holds the line.
+GENERIC = [
+    ('final Lookahead copy removed',
+     "                    lookahead.update(model, decay=1.0)  # end exactly at the average\n", ''),
+    ('whitening eps added after the square root',
+     'torch.sqrt(eigenvalues + eps)', '(torch.sqrt(eigenvalues) + eps)'),
+    ('label smoothing not passed to the loss',
+     "nn.CrossEntropyLoss(label_smoothing=opt['label_smoothing'], reduction='none')",
+     "nn.CrossEntropyLoss(reduction='none')"),
+    ('cache files renamed into place one by one (not atomically)',
+     "            os.chmod(temporaries[path], 0o666 & ~umask)  # mkstemp's 0600 would hide a shared cache\n",
+     "            os.chmod(temporaries[path], 0o666 & ~umask)\n            os.replace(temporaries.pop(path), path)\n"),
+    ('Lookahead decay exponent 3 -> 2', '(step / total_steps) ** 3', '(step / total_steps) ** 2'),
+    ('Lookahead one step early', "if step % opt['lookahead_every'] == 0:",
+     "if (step + 1) % opt['lookahead_every'] == 0:"),
+    ('Lookahead average moved by decay, not 1 - decay', 'lerp_(value, 1 - decay)', 'lerp_(value, decay)'),
+    ('whitening filters not negated', 'torch.cat([filters, -filters])', 'torch.cat([filters, filters])'),
+    ('whitening filters smallest variance first', '.T.flip(0)  # largest variance first', '.T'),
+    ('patch second moment not divided by the count', 'covariance = patches.T @ patches / len(patches)',
+     'covariance = patches.T @ patches'),
+    ("BatchNorm momentum passed in the paper's convention", 'momentum=1 - momentum)', 'momentum=momentum)'),
+    ('BatchNorm scale trains', '        self.weight.requires_grad = False\n', ''),
+    ('dirac init on half the input channels', 'nn.init.dirac_(conv.weight[:channels_in])',
+     'nn.init.dirac_(conv.weight[:channels_in // 2])'),
+    ('BatchNorm biases at the base rate', "bias_lr = lr * hyp_opt['bias_scaler']", 'bias_lr = lr'),
+    ('weight decay coupled to the learning rate', 'weight_decay=decay / lr)', 'weight_decay=decay)'),
+    ('plain momentum, not Nesterov', "momentum=hyp_opt['momentum'], nesterov=True)",
+     "momentum=hyp_opt['momentum'], nesterov=False)"),
+    ('scheduler never stepped', '                scheduler.step()\n', ''),
+    ('schedule one step ahead', 'lambda step: lr_multiplier(step / total_steps',
+     'lambda step: lr_multiplier((step + 1) / total_steps'),
+    ('schedule interpolates from 0, not from the knot', 'return y0 + (y1 - y0) * (progress - x0) / (x1 - x0)',
+     'return y0 + (y1 - y0) * progress / (x1 - x0)'),
+    ('TTA: translated views weigh 1/4, not 1/2', 'return 0.5 * mirrored + 0.5 * translated',
+     'return 0.75 * mirrored + 0.25 * translated'),
+    ('TTA: both translations the same way', 'shifted = [padded[..., :-2, :-2], padded[..., 2:, 2:]]',
+     'shifted = [padded[..., :-2, :-2], padded[..., :-2, :-2]]'),
+    ('flip does not alternate between epochs', 'self.flip_parity ^ bool(self.epoch % 2)', 'self.flip_parity'),
+    ('translation zero-padded, not reflected', "F.pad(normalized, (pad,) * 4, mode='reflect')",
+     'F.pad(normalized, (pad,) * 4)'),
+    ('batches never shuffled', '(torch.randperm if self.shuffle else torch.arange)', 'torch.arange'),
+    ('inference in training mode (batch statistics)', '    was_training = model.training\n    model.eval()\n',
+     '    was_training = model.training\n'),
+    ('whitening bias trains one epoch too many', "epoch < opt['whiten_bias_epochs']",
+     "epoch <= opt['whiten_bias_epochs']"),
+    ('normalized by the mean std of all channels', '((images.to(dtype) - mean) / std)',
+     '((images.to(dtype) - mean) / std.mean())'),
+    ('steps rounded down', "total_steps = math.ceil(len(train_loader) * opt['train_epochs'])",
+     "total_steps = int(len(train_loader) * opt['train_epochs'])"),
+    ('loss averaged over the batch, not summed', 'loss = loss_fn(outputs, labels).sum()',
+     'loss = loss_fn(outputs, labels).mean()'),
+    ('md5 never checked', 'if hashlib.md5(raw).hexdigest() != CIFAR10_MD5:', 'if False:'),
+    ('GELU replaced by ReLU', '        self.activ = nn.GELU()\n', '        self.activ = nn.ReLU()\n'),
+    ('pooling after the activation', 'x = self.activ(self.norm1(self.pool(self.conv1(x))))',
+     'x = self.pool(self.activ(self.norm1(self.conv1(x))))'),
+    ('gradients never zeroed', '                optimizer.zero_grad(set_to_none=True)\n', ''),
+    ('logits not scaled', "scale=Scale(hyp_net['scaling_factor'])", 'scale=Scale(1.0)'),
+]
+
+# What the base recipe, airbench94, gets in full; its siblings share these lines, and get this sample
+# of them (the bugs the issue names first), plus their own.
+SAMPLE = ['final Lookahead copy removed', 'whitening eps added after the square root',
+          'label smoothing not passed to the loss', 'cache files renamed into place one by one (not atomically)',
+          'Lookahead decay exponent 3 -> 2', 'Lookahead average moved by decay, not 1 - decay',
+          'whitening filters not negated', "BatchNorm momentum passed in the paper's convention",
+          'BatchNorm biases at the base rate', 'weight decay coupled to the learning rate', 'scheduler never stepped',
+          'TTA: translated views weigh 1/4, not 1/2', 'flip does not alternate between epochs',
+          'inference in training mode (batch statistics)', 'whitening bias trains one epoch too many',
+          'loss averaged over the batch, not summed', 'gradients never zeroed', 'logits not scaled',
+          'pooling after the activation', 'GELU replaced by ReLU']
+
+OWN = {
+    'airbench94_compiled': [
+        ('a second run reuses the trained weights', '    model.load_state_dict(fresh.state_dict())\n', ''),
+        ('the returned model is the one the next run overwrites',
+         '    model = copy.deepcopy(model)  # the next run in this process reinitializes', '    pass  #'),
+    ],
+    'airbench96': [
+        ('residual sum left out', 'return self.activ(x + self.norm3(self.conv3(y)))',
+         'return self.activ(self.norm3(self.conv3(y)))'),
+        ('cutout square one pixel too tall', '(rows >= top) & (rows < top + size)', '(rows >= top) & (rows <= top + size)'),
+        ('cutout never applied', "if self.aug.get('cutout', 0) > 0:", 'if False:'),
+    ],
+    'airbench96_faster': [
+        ('the filter keeps the easiest examples', 'hardest = losses.detach().topk(keep, sorted=False).indices',
+         'hardest = losses.detach().topk(keep, largest=False, sorted=False).indices'),
+        ('the proxy learns from the whole batch', '        losses[hardest].sum().backward()\n',
+         '        losses.sum().backward()\n'),
+        ('the proxy never learns', '        proxy_optimizer.step()\n', ''),
+        ("the proxy's schedule never advances", '                proxy_scheduler.step()\n', ''),
+        ('residual sum left out', 'return self.activ(x + self.norm3(self.conv3(y))) if self.residual else y',
+         'return self.activ(self.norm3(self.conv3(y))) if self.residual else y'),
+        ('cutout square one pixel too tall', '(rows >= top) & (rows < top + size)', '(rows >= top) & (rows <= top + size)'),
+    ],
+    'airbench94_muon': [
+        ("Newton-Schulz's a 3.4445 -> 3.4", 'a, b, c = 3.4445, -4.7750, 2.0315', 'a, b, c = 3.4, -4.7750, 2.0315'),
+        ("Newton-Schulz's c 2.0315 -> 2.315", 'a, b, c = 3.4445, -4.7750, 2.0315', 'a, b, c = 3.4445, -4.7750, 2.315'),
+        ('one Newton-Schulz step fewer', '    for _ in range(steps):\n', '    for _ in range(steps - 1):\n'),
+        ('Newton-Schulz iterates on the tall side', 'if tall := x.shape[0] > x.shape[1]:', 'if tall := x.shape[0] < x.shape[1]:'),
+        ('Muon without Nesterov', "direction = weight.grad.add(buffer, alpha=group['momentum'])", 'direction = buffer'),
+        ("Muon's buffer does not decay", "state['momentum_buffer'].mul_(group['momentum']).add_(weight.grad)",
+         "state['momentum_buffer'].add_(weight.grad)"),
+        ('weights renormalized to norm out_channels', 'weight.mul_(math.sqrt(len(weight)) / weight.norm())',
+         'weight.mul_(len(weight) / weight.norm())'),
+        ('Muon orthogonalizes the transposed reshape', "direction.reshape(len(weight), -1)", "direction.reshape(-1, len(weight))"),
+        ('Muon steps uphill', "alpha=-group['lr'])  # casts as it adds", "alpha=group['lr'])  # casts as it adds"),
+        ('head not scaled to unit std', '        net.head.weight.div_(net.head.weight.std())', '        pass'),
+        ('logits divided by 9, not by the width', "scale=Scale(1 / widths['block3'])", 'scale=Scale(1 / 9)'),
+        ("SGD's decay coupled to the rate", "group['weight_decay'] = decay / group['lr']", "group['weight_decay'] = decay"),
+        ("whitening bias's rate decays over the run", 'sgd_schedule = [over(whiten_bias_steps),',
+         'sgd_schedule = [over(total_steps),'),
+        ('BatchNorm biases at the head rate', "dict(params=norm_biases, lr=hyp_opt['bias_lr'])",
+         "dict(params=norm_biases, lr=hyp_opt['head_lr'])"),
+        ('Muon never steps', 'zip((sgd, muon), schedulers)', 'zip((sgd,), schedulers[:1])'),
+        ('gradients never zeroed', '                model.zero_grad(set_to_none=True)\n', ''),
+    ],
+    'cifar94_simple': [
+        ('label smoothing not applied', 'label_smoothing=0.2, ', ''),
+        ('loss averaged, not summed', "reduction='sum')", "reduction='mean')"),
+        ('Nesterov off', 'momentum=MOMENTUM, nesterov=True', 'momentum=MOMENTUM, nesterov=False'),
+        ('no weight decay', 'weight_decay=WEIGHT_DECAY)', 'weight_decay=0)'),
+        ('learning rate peaks at 0.75 late', 'min(0.1 + 2.5 * progress, 0.75 * (1 - progress))',
+         'min(0.1 + 0.5 * progress, 0.75 * (1 - progress))'),
+        ('logits not scaled', 'logits = model.train()(x) / 8', 'logits = model.train()(x)'),
+        ('cutout square one pixel larger', 'torch.randint(33 - CUTOUT, (2, n, 1, 1, 1)', 'torch.randint(32 - CUTOUT, (2, n, 1, 1, 1)'),
+        ('cutout never applied', "& (cols // CUTOUT == 0), 0)", "& (cols // CUTOUT == 0), 0) if False else crops.movedim(3, 1)"),
+        ('flips never happen', 'torch.where(torch.rand(n, 1, 1, device=device) < 0.5, 31 - grid, grid)', 'grid.expand(n, 1, 32)'),
+        ('crops from zero padding', "(CROP_PADDING,) * 4, mode='reflect')", '(CROP_PADDING,) * 4)'),
+        ('crop offsets reach one pixel too far', 'torch.randint(2 * CROP_PADDING + 1, (2, n, 1, 1)', 'torch.randint(2 * CROP_PADDING + 2, (2, n, 1, 1)'),
+        ('no pooling where the width doubles', '[nn.MaxPool2d(2)] * (c_out == 2 * c_in)', '[nn.MaxPool2d(2)] * 0 * (c_out == 2 * c_in)'),
+        ('CELU replaced by ReLU', 'nn.CELU(0.075)', 'nn.ReLU()'),
+        ('normalized with the std and mean swapped', '((d[\'images\'] - mean) / std)', '((d[\'images\'] - std) / mean)'),
+        ('evaluation in training mode', 'model.eval()(x).argmax(1)', 'model.train()(x).argmax(1)'),
+        ('md5 never checked', "!= 'c32a1d4ab5d03f1284b67883e8d87530':", "== 'never':"),
+        ('gradients never zeroed', '            optimizer.zero_grad(set_to_none=True)\n', ''),
+    ],
+}
+
+
+def mutants_of(name):
+    with open(os.path.join(ROOT, f'{name}.py'), encoding='utf-8') as file:
+        source = file.read()
+    generic = [m for m in GENERIC if name != 'cifar94_simple' and m[1] in source]
+    if name != 'airbench94':
+        generic = [m for m in generic if m[0] in SAMPLE]
+    chosen = generic + OWN.get(name, [])
+    for label, old, _ in chosen:
+        if source.count(old) != 1:
+            sys.exit(f'{name}.py holds the line of mutant "{label}" {source.count(old)} times, not once')
+    return source, chosen
+
+
+def pytest_command(*args):
+    return [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', '-ra', *args]
+
+
+def selected_tests(work, name):
+    listed = subprocess.run(pytest_command('--collect-only', '-o', 'addopts='), cwd=work,
+                            capture_output=True, text=True, check=True).stdout.split()
+    ids = [i for i in listed if '::' in i and CROSS_COPY_TEST not in i]
+    own = OWN_TESTS.get(name, [])
+    return [i for i in ids if name in re.split(r'[\[\]-]', i.partition('[')[2]) or any(i.startswith(o) for o in own)]
+
+
+def first_failure(work, tests):
+    """The first test that fails on the mutated copy (None when all pass)."""
+    run = subprocess.run(pytest_command('-x', *tests), cwd=work, capture_output=True, text=True, timeout=1200)
+    failed = re.findall(r'^(?:FAILED|ERROR) (\S+)', run.stdout, re.MULTILINE)
+    if run.returncode == 0:
+        return None
+    return failed[0] if failed else f'pytest exit {run.returncode}: {run.stdout.strip().splitlines()[-1:]}'
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('recipes', nargs='*', default=AIRBENCH + ['cifar94_simple'])
+    parser.add_argument('--json', help='also write the results here')
+    args = parser.parse_args()
+    results = {}
+    with tempfile.TemporaryDirectory() as work:
+        work = os.path.join(work, 'repo')
+        shutil.copytree(ROOT, work, ignore=shutil.ignore_patterns('.git', 'logs', '__pycache__', 'cifar10'))
+        env_note = 'CIFAR10_DIR is set: slow tests run too' if os.environ.get('CIFAR10_DIR') else None
+        if env_note:
+            print(env_note, file=sys.stderr)
+        for name in args.recipes:
+            source, mutants = mutants_of(name)
+            tests, path, rows = selected_tests(work, name), os.path.join(work, f'{name}.py'), []
+            for label, old, new in mutants:
+                with open(path, 'w', encoding='utf-8') as file:
+                    file.write(source.replace(old, new))
+                try:
+                    killer = first_failure(work, tests) or first_failure(work, [])
+                finally:
+                    with open(path, 'w', encoding='utf-8') as file:
+                        file.write(source)
+                rows.append({'mutant': label, 'killed_by': killer})
+                print(f'{name}: {label}: {killer or "SURVIVED"}', file=sys.stderr, flush=True)
+            results[name] = rows
+            killed = sum(row['killed_by'] is not None for row in rows)
+            print(f'\n### {name}: {killed} of {len(rows)} killed\n\n| mutant | killed by |\n| --- | --- |')
+            for row in rows:
+                print(f"| {row['mutant']} | {row['killed_by'] or '**survived**'} |")
+            sys.stdout.flush()
+    if args.json:
+        with open(args.json, 'w') as file:
+            json.dump(results, file, indent=2)
+
+
+if __name__ == '__main__':
+    main()
