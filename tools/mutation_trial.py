@@ -179,6 +179,8 @@ def mutants_of(name):
     if name != 'airbench94':
         generic = [m for m in generic if m[0] in SAMPLE]
     chosen = generic + OWN.get(name, [])
+    if only := os.environ.get('MUTANTS_ONLY'):
+        chosen = [m for m in chosen if only in m[0]]
     for label, old, _ in chosen:
         if source.count(old) != 1:
             sys.exit(f'{name}.py holds the line of mutant "{label}" {source.count(old)} times, not once')
@@ -191,7 +193,7 @@ def pytest_command(*args):
 
 def selected_tests(work, name):
     listed = subprocess.run(pytest_command('--collect-only', '-o', 'addopts='), cwd=work,
-                            capture_output=True, text=True, check=True).stdout.split()
+                            capture_output=True, text=True, check=True).stdout.splitlines()
     ids = [i for i in listed if '::' in i and CROSS_COPY_TEST not in i]
     own = OWN_TESTS.get(name, [])
     return [i for i in ids if name in re.split(r'[\[\]-]', i.partition('[')[2]) or any(i.startswith(o) for o in own)]
@@ -203,7 +205,9 @@ def first_failure(work, tests):
     failed = re.findall(r'^(?:FAILED|ERROR) (\S+)', run.stdout, re.MULTILINE)
     if run.returncode == 0:
         return None
-    return failed[0] if failed else f'pytest exit {run.returncode}: {run.stdout.strip().splitlines()[-1:]}'
+    if not failed:  # no test failed, yet pytest did not succeed: it could not run them
+        sys.exit(f'pytest exited {run.returncode} in {work}:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}')
+    return failed[0]
 
 
 def main():
