@@ -1,0 +1,708 @@
+"""airbench94_hive.py: the 94% record since airbench94_muon (hiverge's cifar10-speedrun), re-tuned and batched.
+
+Published
+    94.01% mean accuracy with TTA, n=2000 (10 x 200), 2.015 s per run on an NVIDIA A100, torch 2.4.0 (hiverge
+    repository). Measured here: README.md's records table, each figure from a log in logs/records/.
+
+Changes relative to airbench94_muon
+    - Batch 1536, 7.59 epochs (243 steps); rates, momenta, decay and label smoothing re-tuned; BatchNorm in fp16.
+    - Muon decays its filters as SGD its tensors, and rescales them on 37 of 243 steps (intervals growing 2 to 16).
+    - Newton-Schulz for all six filters at once (zero-padded to one shape), in fp16, with new coefficients.
+    - SiLU in the blocks; whitening from 960 images; its bias from PyTorch's default init, trained for 7 steps.
+    - Brightness and contrast jitter; TTA (six views, 1/6 each) for the least sure quarter of the test images.
+    - One timed span without per-epoch evaluation; forward and loss compiled as one; a warm-up on random images.
+    - Compiled on the GPU only (Newton-Schulz too); the CPU runs eagerly unless net.compile_on_cpu is set.
+
+What is timed (paper, section 2)
+    From the first touch of training data (whitening included) until test-set predictions with TTA exist, in one
+    span with nothing else inside; not the warm-up run on random data that comes first where the network is compiled.
+
+Lineage
+    Page (2019), "How to train your ResNet" -> tysam-code, hlb-CIFAR10 (2023) -> airbench (2024).
+    -> airbench94_muon -> hiverge, cifar10-speedrun (its fact sheet: the collection's specs) -> this script.
+
+Method (paper, sections 3.1-3.6; the numbers are in `hyp`)
+    - VGG-like network: a frozen 2x2 patch-whitening convolution, then three blocks of 3x3 convolutions that start
+      as identity (dirac) maps; BatchNorm scales frozen at 1.
+    - Muon (Jordan et al., 2024) for the conv filters, Nesterov SGD for the biases and the head,
+      on a summed loss with label smoothing; learning rates decay linearly to 0.
+    - Alternating flip and reflect-padded translation, on the GPU; 6-view test-time augmentation.
+
+Usage
+    Run this file for a record attempt; python study.py with its name runs studies; README.md: all else.
+"""
+
+import argparse, contextlib, copy, datetime, hashlib, io, json, math, os, signal, sys, tarfile, tempfile, time
+import pathlib, statistics, urllib.request
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#############################################
+#              Hyperparameters              #
+#############################################
+
+# Muon's step length does not depend on the gradient's size, only its direction does. SGD's
+# learning rates are PyTorch's, on the loss summed over the batch; its weight decay is per example
+# and decoupled: each step's shrinkage, weight_decay * batch_size times the schedule's multiplier
+# (and lengthened by momentum, as every step is), does not depend on the learning rate.
+hyp = {
+    'opt': {
+        'train_epochs': 7.59,       # passes over the training set; the last one stops part-way
+        'batch_size': 1536,         # examples per optimizer step
+        'muon_lr': 0.205,           # size of each filter update relative to the filter's (see Muon)
+        'muon_momentum': 0.655,     # Nesterov momentum of Muon
+        'newton_schulz_steps': 3,   # iterations that orthogonalize Muon's update
+        'renorm_intervals': (2, 17),  # steps between filter rescalings: from the first to the last, growing
+        'momentum': 0.825,          # Nesterov momentum of SGD
+        'bias_lr': 0.0573,          # SGD's learning rate for the whitening and BatchNorm biases
+        'head_lr': 0.5415,          # SGD's learning rate for the linear head
+        'weight_decay': 1.0418e-6,  # SGD's and Muon's decay per example (decoupled, see above)
+        'label_smoothing': 0.09,    # share of each target spread evenly over the 10 classes
+        'lr_knots': ((0.0, 1.0), (1.0, 0.0)),  # (fraction of steps, lr multiplier), for all rates
+        'whiten_bias_epochs': 0.19,  # epochs the whitening bias trains, rounded up to whole steps (7)
+    },
+    'aug': {
+        'flip': True,               # alternating horizontal flip (paper, section 3.6)
+        'translate': 2,             # pixels of random translation, reflect-padded
+        'cutout': 0,                # side of a square zeroed at random in each image; 0: none
+        'brightness': 0.1399,       # most added to an image, in standard deviations of the data
+        'contrast': 0.1308,         # most an image is scaled by, less or more than 1, about the data's mean
+    },
+    'net': {
+        'widths': {'block1': 64, 'block2': 256, 'block3': 256},  # output channels of each block
+        'batchnorm_momentum': 0.5566,  # weight of the old running statistics (PyTorch's is 1 - this)
+        'whiten_images': 960,       # first training images whose patches set the whitening filters
+        'whiten_eps': 5e-4,         # added to the patch-covariance eigenvalues before 1/sqrt
+        'tta_level': 2,             # test-time augmentation: 0 none, 1 mirror, 2 mirror + translate
+        'tta_share': 0.25,          # of the test images, those the network is least sure of, that get TTA
+        'compile_backend': 'inductor',  # torch.compile's; 'aot_eager' traces but generates no code
+        'compile_mode': 'max-autotune',  # inductor's: autotuned kernels, and CUDA graphs on the GPU
+        'compile_on_cpu': False,    # inductor needs a C++ compiler and minutes there: eager instead
+    },
+}
+
+TEST_BATCH_SIZE = 2000  # evaluation only: any size gives the same predictions
+
+class UserError(Exception):
+    """A problem the user can fix; the message says how. main() prints it as one line."""
+
+#############################################
+#                   Data                    #
+#############################################
+
+CIFAR10_URL = 'https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz'
+CIFAR10_MD5 = 'c32a1d4ab5d03f1284b67883e8d87530'
+CIFAR10_CLASSES = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)  # per channel, of the training images scaled to [0, 1]
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+def default_data_dir():
+    return os.environ.get('CIFAR10_DIR') or 'cifar10'
+
+def precision_for(device):
+    """The one place dtype and memory layout are chosen: fp16 channels-last on CUDA as in the paper,
+    fp32 in the usual layout on the CPU (which has no fast fp16 convolutions)."""
+    cuda = torch.device(device).type == 'cuda'
+    return (torch.float16, torch.channels_last) if cuda else (torch.float32, torch.contiguous_format)
+
+def load_cifar10(data_dir=None, train=True):
+    """{'images': uint8 N x 32 x 32 x 3 RGB, 'labels': int64 N, 'classes'} from <data_dir>/train.pt or test.pt,
+    a cache built when missing from cifar-10-binary.tar.gz in data_dir, downloaded first if absent."""
+    data_dir = data_dir or default_data_dir()
+    path = os.path.join(data_dir, 'train.pt' if train else 'test.pt')
+    if os.path.isfile(data_dir):
+        raise UserError(f'the data folder {data_dir} is a file; give the folder of the CIFAR-10 cache')
+    try:
+        if not os.path.exists(path) and (not os.path.isdir(data_dir) or os.access(data_dir, os.X_OK)):
+            build_cache(data_dir)  # but not in a folder this user may not look into: it only looks empty
+        data = torch.load(path, map_location='cpu', weights_only=True)
+    except OSError as exc:  # permissions, a full or failing disk: the file itself may be fine
+        raise UserError(f'cannot read or build {path} ({first_line(exc)}); check the folder') from None
+    except UserError:
+        raise
+    except Exception as exc:  # a truncated zip, a pickle of the wrong kind
+        data = first_line(exc)
+    images, labels = (data.get(key) if isinstance(data, dict) else None for key in ('images', 'labels'))
+    if not (isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.shape[1:] == (32, 32, 3)
+            and isinstance(labels, torch.Tensor) and labels.dtype == torch.int64 and len(labels) > 0
+            and labels.shape == images.shape[:1] and 0 <= labels.min() and labels.max() <= 9):
+        problem = data if isinstance(data, str) else 'not uint8 images N x 32 x 32 x 3 with int64 labels 0-9'
+        raise UserError(f'{path} is not a CIFAR-10 cache ({problem}); delete it and run again to rebuild it')
+    return {'images': images, 'labels': labels, 'classes': data.get('classes', CIFAR10_CLASSES)}
+
+def build_cache(data_dir):
+    """Writes train.pt and test.pt from the binary tarball (downloaded if absent), whose records (a label byte, then
+    the red, green and blue 32x32 planes) are read as bytes: nothing is unpickled or extracted to disk."""
+    os.makedirs(data_dir, exist_ok=True)
+    tarball = os.path.join(data_dir, os.path.basename(CIFAR10_URL))
+    if not os.path.exists(tarball):
+        print(f'downloading {CIFAR10_URL} to {tarball}', file=sys.stderr)
+        try:
+            with urllib.request.urlopen(CIFAR10_URL, timeout=60) as response:
+                atomic_write({tarball: lambda file: file.write(response.read())})
+        except (OSError, ValueError) as exc:  # refused, unreachable, timed out
+            raise UserError(f'cannot download {CIFAR10_URL} ({first_line(exc)}); download it by hand '
+                            f'and put it in {os.path.abspath(data_dir)}/') from None
+    raw = pathlib.Path(tarball).read_bytes()
+    if hashlib.md5(raw).hexdigest() != CIFAR10_MD5:
+        with contextlib.suppress(FileNotFoundError):  # another process may have removed it first
+            os.remove(tarball)
+        raise UserError(f'{tarball} has md5 {hashlib.md5(raw).hexdigest()}, not {CIFAR10_MD5}: it is '
+                        f'damaged or not CIFAR-10, so it was removed; run again to download it afresh')
+    members = {'train': [f'data_batch_{i}.bin' for i in range(1, 6)], 'test': ['test_batch.bin']}
+    try:
+        with tarfile.open(fileobj=io.BytesIO(raw), mode='r:gz') as tar:
+            splits = {split: b''.join(tar.extractfile(f'cifar-10-batches-bin/{name}').read() for name in names)
+                      for split, names in members.items()}
+        records = {split: torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(-1, 1 + 3 * 32 * 32)
+                   for split, raw in splits.items()}
+        if any(len(r) == 0 or r[:, 0].max() > 9 for r in records.values()):
+            raise ValueError('a split is empty or has labels above 9')
+    except (tarfile.TarError, KeyError, AttributeError, RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise UserError(f'{tarball} is not a readable CIFAR-10 tarball ({first_line(exc)}); delete it') from None
+    atomic_write({os.path.join(data_dir, f'{split}.pt'): lambda file, r=r: torch.save(
+        {'images': r[:, 1:].view(-1, 3, 32, 32).permute(0, 2, 3, 1).contiguous(), 'labels': r[:, 0].long(),
+         'classes': CIFAR10_CLASSES}, file) for split, r in records.items()})
+
+def atomic_write(writers):
+    """{path: write(file)}: every file is written to a temporary beside it, and all are renamed into place only once
+    all are complete, so an interruption or a full disk leaves the old files, never half a file or a mix."""
+    temporaries, umask = {}, os.umask(0)
+    os.umask(umask)
+    try:
+        for path, write in writers.items():
+            fd, temporaries[path] = tempfile.mkstemp(dir=os.path.dirname(path) or '.', suffix='.tmp')
+            with os.fdopen(fd, 'wb') as file:
+                write(file)
+            os.chmod(temporaries[path], 0o666 & ~umask)  # mkstemp's 0600 would hide a shared cache
+        for path, temporary in temporaries.items():
+            os.replace(temporary, path)
+    finally:
+        for temporary in temporaries.values():
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(temporary)
+
+def first_line(exc):
+    text = str(exc).strip().splitlines()
+    return f'{type(exc).__name__}: {text[0]}' if text else type(exc).__name__
+
+def random_corners(images, size):
+    """Top and left corners (N x 1 x 1 each) of size x size squares placed uniformly inside images N x C x H x W."""
+    return [torch.randint(extent - size + 1, (len(images), 1, 1), device=images.device) for extent in images.shape[2:]]
+
+def batch_crop_flip(padded, size, flip):
+    """A random size x size window of each image (of images padded by r, a translation by up to r pixels), mirrored
+    where the boolean `flip` is set, in one gather over (image, row, col)."""
+    top, left = random_corners(padded, size)
+    offsets = torch.arange(size, device=padded.device)
+    cols = left + torch.where(flip.view(-1, 1, 1), offsets.flip(0), offsets).view(-1, 1, size)
+    index = torch.arange(len(padded), device=padded.device).view(-1, 1, 1)
+    return padded.permute(0, 2, 3, 1)[index, top + offsets.view(1, size, 1), cols].permute(0, 3, 1, 2)
+
+def batch_cutout(images, size):
+    """Cutout (DeVries and Taylor, 2017): zeroes (the mean color, once normalized) a random size x size square."""
+    top, left = random_corners(images, size)
+    rows, cols = (torch.arange(32, device=images.device).view(shape) for shape in ((1, -1, 1), (1, 1, -1)))
+    inside = (rows >= top) & (rows < top + size) & (cols >= left) & (cols < left + size)
+    return images.clone().masked_fill_(inside.unsqueeze(1), 0)  # clone keeps the memory layout
+
+def batch_jitter(images, brightness, contrast):
+    """x -> (x + b) * c, b uniform in +-brightness, c in 1 +-contrast, a pair an image; normalized, unclamped."""
+    shift, scale = (torch.rand(2, len(images), 1, 1, 1, device=images.device, dtype=images.dtype) * 2 - 1)
+    return (images + shift * brightness) * (1 + scale * contrast)
+
+class CifarLoader:
+    """CIFAR-10 batches on one device, augmented a whole epoch at a time there. `images` (uint8, N x 32 x 32 x 3)
+    and `labels` are plain attributes: replace them (say, with a masked subset) and the loader serves that data.
+    aug: {'flip': alternating flip on/off, 'translate': pixels of random reflect-padded translation,
+    'cutout': side of the square zeroed at a random place in each image, after translation and flip, 'brightness'
+    and 'contrast': the ranges of batch_jitter, after all else}."""
+    def __init__(self, data_dir=None, train=True, batch_size=500, aug=None, drop_last=None, shuffle=None, device=None):
+        if unknown := set(aug or {}) - (known := {'flip', 'translate', 'cutout', 'brightness', 'contrast'}):
+            raise UserError(f'unknown augmentation {", ".join(sorted(unknown))}; known: {", ".join(sorted(known))}')
+        self.data_dir = data_dir or default_data_dir()
+        data = load_cifar10(self.data_dir, train)
+        self.device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+        self.images, self.labels = data['images'].to(self.device), data['labels'].to(self.device)
+        self.classes, self.aug, self.batch_size, self.epoch = data['classes'], dict(aug or {}), batch_size, 0
+        self.drop_last, self.shuffle = (train if given is None else given for given in (drop_last, shuffle))
+        self.prepared_for = None  # what self.source, the normalized and padded images, was made from
+
+    def __len__(self):
+        return len(self.images) // self.batch_size if self.drop_last else math.ceil(len(self.images) / self.batch_size)
+
+    def normalize(self, images):
+        """uint8 N x H x W x C -> standardized N x C x H x W, in the device's precision from the start (fp16: half the
+        bytes of a detour through fp32). The permuted N x H x W x C is already channels-last: no copy on the GPU."""
+        dtype, memory_format = precision_for(self.device)
+        mean, std = (torch.tensor(s, dtype=dtype, device=images.device) * 255 for s in (CIFAR10_MEAN, CIFAR10_STD))
+        return ((images.to(dtype) - mean) / std).permute(0, 3, 1, 2).contiguous(memory_format=memory_format)
+
+    def __iter__(self):
+        if len(self.images) != len(self.labels):
+            raise UserError(f'the loader holds {len(self.images)} images but {len(self.labels)} labels; '
+                            f'mask both with the same mask')
+        pad, flip = self.aug.get('translate', 0), self.aug.get('flip', False)
+        if self.prepared_for != (id(self.images), pad):
+            # Normalized and padded once per dataset, not per epoch; the flip parity drawn here sets epoch 1's flips.
+            normalized = self.normalize(self.images)
+            self.source = F.pad(normalized, (pad,) * 4, mode='reflect') if pad > 0 else normalized
+            self.flip_parity = torch.rand(len(self.images), device=self.device) < 0.5
+            self.prepared_for = (id(self.images), pad)
+        images = self.source
+        if pad > 0 or flip:
+            # Alternating flip: random in the first epoch, then each image the other way than in
+            # the epoch before, so every two consecutive epochs hold both mirror images of each.
+            images = batch_crop_flip(images, 32, self.flip_parity ^ bool(self.epoch % 2) if flip
+                                     else torch.zeros_like(self.flip_parity))
+        if self.aug.get('cutout', 0) > 0:
+            images = batch_cutout(images, self.aug['cutout'])
+        images = batch_jitter(images, self.aug.get('brightness', 0), self.aug.get('contrast', 0))  # 0, 0: none
+        self.epoch += 1
+        order = (torch.randperm if self.shuffle else torch.arange)(len(images), device=self.device)
+        for i in range(len(self)):
+            batch = order[i * self.batch_size:(i + 1) * self.batch_size]
+            yield images[batch], self.labels[batch]
+
+#############################################
+#                  Network                  #
+#############################################
+
+class BatchNorm(nn.BatchNorm2d):
+    """BatchNorm whose scale is frozen at 1 and whose bias learns. Page (2019) saw the scales do
+    little but follow weight decay; the next convolution can absorb any scale anyway."""
+    def __init__(self, num_features, momentum, eps=1e-12):
+        super().__init__(num_features, eps=eps, momentum=1 - momentum)
+        self.weight.requires_grad = False
+
+def make_conv(channels_in, channels_out):
+    """A 3x3 convolution without bias whose first channels_in filters start as the identity map
+    (paper, section 3.3): each block starts by passing its input through, easing early training."""
+    conv = nn.Conv2d(channels_in, channels_out, kernel_size=3, padding='same', bias=False)
+    with torch.no_grad():
+        nn.init.dirac_(conv.weight[:channels_in])
+    return conv
+
+class ConvBlock(nn.Module):
+    """conv -> 2x2 max-pool -> BatchNorm -> SiLU -> conv -> BatchNorm -> SiLU. Pooling before the
+    BatchNorm normalizes a quarter of the activations for the same result."""
+    def __init__(self, channels_in, channels_out, batchnorm_momentum):
+        super().__init__()
+        self.conv1 = make_conv(channels_in, channels_out)
+        self.pool = nn.MaxPool2d(2)
+        self.norm1 = BatchNorm(channels_out, batchnorm_momentum)
+        self.conv2 = make_conv(channels_out, channels_out)
+        self.norm2 = BatchNorm(channels_out, batchnorm_momentum)
+        self.activ = nn.SiLU()
+    def forward(self, x):
+        x = self.activ(self.norm1(self.pool(self.conv1(x))))
+        return self.activ(self.norm2(self.conv2(x)))
+
+class Scale(nn.Module):
+    def __init__(self, factor):
+        super().__init__()
+        self.factor = factor
+    def forward(self, x):
+        return x * self.factor
+
+def make_net(hyp_net=None):
+    """The network on the CPU in fp32, whitening weights not yet set (see init_whitening_conv).
+    Feature maps: 32 -> 31 (2x2 conv, no padding) -> 15 -> 7 -> 3 -> 1."""
+    hyp_net = hyp_net or hyp['net']
+    widths, momentum = hyp_net['widths'], hyp_net['batchnorm_momentum']
+    whiten_width = 2 * 3 * 2 * 2  # each of the 12 dimensions of a 2x2x3 patch, and its negation
+    net = nn.Sequential(OrderedDict(
+        whiten=nn.Conv2d(3, whiten_width, kernel_size=2, padding=0, bias=True),
+        activ=nn.GELU(),
+        block1=ConvBlock(whiten_width, widths['block1'], momentum),
+        block2=ConvBlock(widths['block1'], widths['block2'], momentum),
+        block3=ConvBlock(widths['block2'], widths['block3'], momentum),
+        pool=nn.MaxPool2d(3),
+        flatten=nn.Flatten(),
+        head=nn.Linear(widths['block3'], 10, bias=False),
+        scale=Scale(1 / widths['block3']),  # with the head at unit std, keeps the first logits small
+    ))
+    with torch.no_grad():
+        net.head.weight.div_(net.head.weight.std())  # unit standard deviation, as the scale assumes
+    # The whitening filters are computed, not learned; only their bias trains, a few steps from PyTorch's init.
+    net.whiten.weight.requires_grad = False
+    return net
+
+def place_on(model, device):
+    """Moves the model to the device in its precision, BatchNorm included (fp16 on CUDA: the published run's)."""
+    dtype, memory_format = precision_for(device)
+    model = model.to(device=device, dtype=dtype, memory_format=memory_format)
+    return model
+
+# (architecture, device, precision) -> (network, its forward, forward_loss), and
+# ('newton_schulz', backend, device) -> the compiled function.
+COMPILED = {}
+
+def compiles(hyp_net, device):
+    """Whether the network and the Newton-Schulz function are compiled: always on CUDA, on the
+    CPU only when net.compile_on_cpu asks for it."""
+    return torch.device(device).type == 'cuda' or hyp_net['compile_on_cpu']
+
+def compiled_net(hyp_net, device):
+    """(model, forward, loss_function): the network, freshly initialized, its forward and forward_loss, compiled
+    once per process and architecture as each first runs. Later calls draw new weights exactly as make_net does and copy
+    them into the same tensors, so that the compiled code (and its CUDA graphs) keep working on them. Where nothing is
+    compiled: the model, the model and forward_loss."""
+    fresh = place_on(make_net(hyp_net), device)
+    if not compiles(hyp_net, device):
+        return fresh, fresh, forward_loss
+    key = (json.dumps(hyp_net, sort_keys=True), str(device), str(precision_for(device)))
+    if key not in COMPILED:
+        backend, mode = hyp_net['compile_backend'], hyp_net['compile_mode']
+        options = dict(backend=backend, mode=mode if backend == 'inductor' else None,  # others have none
+                       dynamic=False)  # the training and evaluation batch sizes get kernels of their own
+        torch._dynamo.config.recompile_limit += 8  # all networks' graphs share nn.Sequential's code
+        COMPILED[key] = (fresh, torch.compile(fresh, **options), torch.compile(forward_loss, fullgraph=True, **options))
+    model, forward, loss_function = COMPILED[key]
+    model.load_state_dict(fresh.state_dict())
+    for param, fresh_param in zip(model.parameters(), fresh.parameters()):
+        param.requires_grad = fresh_param.requires_grad
+    return model, forward, loss_function
+
+def forward_loss(model, inputs, labels, loss_fn):
+    """The logits and their summed loss, compiled as one; dynamo specializes it to whether the whitening bias trains."""
+    outputs = model(inputs)
+    return outputs, loss_fn(outputs, labels).sum()
+
+def compiled_newton_schulz(hyp_net, device):
+    """newton_schulz, compiled once per process and device where the network is. In inductor's
+    default mode: CUDA graphs would gain little on a function called once per filter and step."""
+    if not compiles(hyp_net, device):
+        return newton_schulz
+    key = ('newton_schulz', hyp_net['compile_backend'], str(device))
+    if key not in COMPILED:
+        COMPILED[key] = torch.compile(newton_schulz, backend=hyp_net['compile_backend'], dynamic=False, fullgraph=True)
+    return COMPILED[key]
+
+#############################################
+#              Initialization               #
+#############################################
+
+def init_whitening_conv(conv, images, eps=5e-4):
+    """Sets conv's filters so that its first half of outputs are the whitened patches of `images`
+    (normalized, N x C x H x W): filter i is the i-th eigenvector of the patches' covariance divided
+    by sqrt(eigenvalue + eps), so each output has variance about 1 and the outputs are uncorrelated.
+    The second half are the negated filters, so the GELU that follows loses no information."""
+    patches = F.unfold(images.float(), conv.kernel_size).transpose(1, 2).flatten(0, 1)  # rows: C x kh x kw
+    # Normalized images have about zero mean, so the second moment serves as the covariance.
+    covariance = patches.T @ patches / len(patches)
+    eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
+    filters = (eigenvectors / torch.sqrt(eigenvalues + eps)).T.flip(0)  # largest variance first
+    with torch.no_grad():
+        conv.weight.copy_(torch.cat([filters, -filters]).view_as(conv.weight))
+
+#############################################
+#             Optimizer helpers             #
+#############################################
+
+def newton_schulz(matrices, steps):
+    """Approximately orthogonal matrices with the singular vectors of `matrices` (B x rows x cols), in float16.
+    Scaled to unit Frobenius norm, every singular value s lies in [0, 1]; each step X <- aX + (bA +
+    cA^2)X with A = XX^T maps each s to a*s + b*s^3 + c*s^5. The coefficients trade exactness for
+    speed: 3 steps bring every value above about 0.02 to between about 0.75 and 1.35, not to 1, and
+    leave smaller ones (directions the gradient hardly has) smaller."""
+    a, b, c = 3.4576, -4.7391, 2.0843
+    x = matrices.half()
+    x = x / (x.norm(dim=(1, 2), keepdim=True) + 1e-5)
+    if tall := x.shape[1] > x.shape[2]:  # iterate on the wide side, whose A is the smaller matrix
+        x = x.mT
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.mT if tall else x
+
+class Muon(torch.optim.Optimizer):
+    """Muon (Jordan et al., 2024) for conv filters. Step s (1, 2, ...) keeps Nesterov momentum buffers (buffer =
+    momentum * buffer + grad; direction = grad + momentum * buffer); rescales the weights to Frobenius norm
+    sqrt(out_channels) if k steps have passed since it last did (k grows from renorm_intervals[0] to [1] over
+    total_steps, rounded down); subtracts lr times the directions, reshaped to out_channels x (the rest), padded
+    with zeros to one shape and orthogonalized as one stack; and shrinks the weights by lr * weight_decay."""
+    def __init__(self, params, lr, momentum, newton_schulz_steps, weight_decay, renorm_intervals, total_steps,
+                 orthogonalize=newton_schulz):
+        super().__init__(params, dict(lr=lr, momentum=momentum, newton_schulz_steps=newton_schulz_steps,
+                                      weight_decay=weight_decay))
+        self.orthogonalize, self.renorm_intervals, self.total_steps = orthogonalize, renorm_intervals, total_steps
+        self.steps = self.last_renorm = 0
+    @torch.no_grad()
+    def step(self):
+        self.steps += 1
+        first, last = self.renorm_intervals
+        if renorm := self.steps - self.last_renorm >= first + (last - first) * self.steps // self.total_steps:
+            self.last_renorm = self.steps  # the norms are those before this step's update
+        for group in self.param_groups:
+            weights, directions = [], []
+            for weight in group['params']:
+                if weight.grad is None:
+                    continue
+                state = self.state[weight]
+                if 'momentum_buffer' not in state:
+                    state['momentum_buffer'] = torch.zeros_like(weight.grad)
+                buffer = state['momentum_buffer'].mul_(group['momentum']).add_(weight.grad)
+                direction = weight.grad.add(buffer, alpha=group['momentum'])
+                if renorm:
+                    weight.mul_(math.sqrt(len(weight)) / (weight.norm() + 1e-7))
+                weights.append(weight), directions.append(direction.reshape(len(weight), -1))
+            rows, cols = max(len(d) for d in directions), 16 * math.ceil(max(d.shape[1] for d in directions) / 16)
+            stack = torch.stack([F.pad(d, (0, cols - d.shape[1], 0, rows - len(d))) for d in directions])
+            for weight, update in zip(weights, self.orthogonalize(stack, group['newton_schulz_steps'])):
+                update = update[:len(weight), :weight[0].numel()]  # the padding cut off
+                weight.add_(update.view(weight.shape), alpha=-group['lr'])  # casts as it adds: one kernel
+                weight.mul_(1 - group['lr'] * group['weight_decay'])
+
+def make_optimizers(model, hyp_opt, total_steps, orthogonalize=newton_schulz):
+    """(sgd, muon). Muon trains the conv filters (4-D weights). Nesterov SGD trains the rest in three groups (the
+    whitening bias, the BatchNorm biases, the head) with decoupled weight decay: PyTorch multiplies the decay by the
+    learning rate, so it is passed divided by it."""
+    decay = hyp_opt['weight_decay'] * hyp_opt['batch_size']
+    norm_biases = [module.bias for module in model.modules() if isinstance(module, nn.BatchNorm2d)]
+    filters = [p for p in model.parameters() if p.dim() == 4 and p.requires_grad]
+    groups = [dict(params=[model.whiten.bias], lr=hyp_opt['bias_lr']),
+              dict(params=norm_biases, lr=hyp_opt['bias_lr']),
+              dict(params=[model.head.weight], lr=hyp_opt['head_lr'])]
+    for group in groups:
+        group['weight_decay'] = decay / group['lr']
+    muon = Muon(filters, hyp_opt['muon_lr'], hyp_opt['muon_momentum'], hyp_opt['newton_schulz_steps'], decay,
+                hyp_opt['renorm_intervals'], total_steps, orthogonalize)
+    return torch.optim.SGD(groups, momentum=hyp_opt['momentum'], nesterov=True, fused=True), muon  # as the record
+
+def lr_multiplier(progress, knots):
+    """The schedule's learning-rate multiplier at `progress` (0 to 1 through the steps): linear
+    between the knots, (fraction of steps, multiplier) pairs from 0 to 1."""
+    for (x0, y0), (x1, y1) in zip(knots, knots[1:]):
+        if progress <= x1:
+            return y0 + (y1 - y0) * (progress - x0) / (x1 - x0)
+    return knots[-1][1]
+
+#############################################
+#                Evaluation                 #
+#############################################
+
+def predict(model, inputs, tta_level):
+    """Logits averaged over test-time views (paper, section 3.5). Level 1: the image and its mirror.
+    Level 2: also both views translated one pixel up-left and one down-right; all six views weigh 1/6."""
+    if tta_level == 0:
+        return model(inputs)
+    mirrored = 0.5 * model(inputs) + 0.5 * model(inputs.flip(-1))
+    if tta_level == 1:
+        return mirrored
+    padded = F.pad(inputs, (1,) * 4, mode='reflect')
+    shifted = [padded[..., :-2, :-2], padded[..., 2:, 2:]]
+    translated = sum(0.5 * model(view) + 0.5 * model(view.flip(-1)) for view in shifted) / len(shifted)
+    return (mirrored + 2 * translated) / 3
+
+def infer(model, loader, tta_level=0, tta_share=1.0):
+    """Logits (fp32, N x 10) for every image in loader.images, in order: the loader's shuffling and
+    augmentation are not used, so this works on a training loader too. TTA: the tta_share least sure of them."""
+    if tta_level not in (0, 1, 2):
+        raise UserError(f'tta_level must be 0, 1 or 2, not {tta_level!r}')
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        inputs = loader.normalize(loader.images)
+        logits = torch.cat([predict(model, batch, 0).float() for batch in inputs.split(loader.batch_size)])
+        if tta_level > 0:
+            unsure = logits.softmax(1).amax(1).topk(round(tta_share * len(logits)), largest=False).indices
+            views = [predict(model, batch, tta_level).float() for batch in inputs[unsure].split(loader.batch_size)]
+            logits[unsure] = torch.cat(views)
+    model.train(was_training)
+    return logits
+
+def evaluate(model, loader, tta_level=0, tta_share=1.0):
+    """Accuracy (0 to 1) on loader's images."""
+    return (infer(model, loader, tta_level, tta_share).argmax(1) == loader.labels).float().mean().item()
+
+#############################################
+#                 Training                  #
+#############################################
+
+class Clock:
+    """Adds up the seconds spent in `with clock:` blocks: CUDA events on the GPU (they time the
+    queued GPU work, not the Python that queues it), time.perf_counter on the CPU."""
+    def __init__(self, device):
+        self.cuda, self.seconds = torch.device(device).type == 'cuda', 0.0
+    def now(self):
+        if self.cuda:
+            (event := torch.cuda.Event(enable_timing=True)).record()
+        return event if self.cuda else time.perf_counter()
+    def __enter__(self):
+        self.start = self.now()
+    def __exit__(self, *exc_info):
+        end = self.now()
+        self.seconds += (torch.cuda.synchronize() or self.start.elapsed_time(end) / 1000) if self.cuda \
+            else end - self.start
+
+def print_row(cells, head=False, rule=False):
+    """A row of the per-epoch table (floats to 4 places, None blank); rules around a head, and below a `rule` row."""
+    texts = [f'{x:.4f}' if isinstance(x, float) else '' if x is None else str(x) for x in cells]
+    line = '| ' + ' | '.join(text.rjust(len(column)) for text, column in zip(texts, COLUMNS)) + ' |'
+    print(*['-' * len(line)] * head, line, *['-' * len(line)] * (head or rule), sep='\n', flush=True)
+
+COLUMNS = ('run', 'epoch', 'train_loss', 'train_acc', 'val_acc', 'tta_val_acc', 'time_seconds')
+
+def train(hyp=hyp, train_loader=None, test_loader=None, device=None, run=None, verbose=True):
+    """Trains one network with the recipe in `hyp`; returns (model, result), result holding tta_val_acc, val_acc,
+    time_seconds, train_loss, train_acc and steps. Loaders default to CIFAR-10 in default_data_dir() (the test loader
+    to the train loader's folder), `device` to the train loader's. `run` labels the per-epoch table's rows (head above
+    run 0 or None); verbose=False prints nothing. On CUDA this sets cudnn.benchmark: every step has the same shapes."""
+    opt = hyp['opt']
+    if train_loader is None:
+        train_loader = CifarLoader(None, True, opt['batch_size'], hyp['aug'], device=device)
+    device = torch.device(device or train_loader.device)
+    if test_loader is None:
+        test_loader = CifarLoader(train_loader.data_dir, False, TEST_BATCH_SIZE, device=device)
+    total_steps = math.ceil(len(train_loader) * opt['train_epochs'])
+    if total_steps == 0:
+        raise UserError(f'{len(train_loader.images)} training images make no full batch of '
+                        f'{train_loader.batch_size}; lower opt.batch_size or add images')
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True
+    if verbose and run in (None, 0, 'warm-up'):
+        print_row(COLUMNS, head=True)
+
+    model, forward, loss_function = compiled_net(hyp['net'], device)
+    sgd, muon = make_optimizers(model, opt, total_steps, compiled_newton_schulz(hyp['net'], device))
+    whiten_bias_steps = max(math.ceil(len(train_loader) * opt['whiten_bias_epochs']), 1)
+
+    def over(steps):  # the schedule's multiplier over the first `steps` steps, then its last value
+        return lambda step: lr_multiplier(min(step / steps, 1.0), opt['lr_knots'])
+    # One multiplier per SGD group: the whitening bias (over its epochs, then it is frozen), BatchNorm biases, head.
+    sgd_schedule = [over(whiten_bias_steps), over(total_steps), over(total_steps)]
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(sgd, sgd_schedule),
+                  torch.optim.lr_scheduler.LambdaLR(muon, over(total_steps))]
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=opt['label_smoothing'], reduction='none')
+    clock = Clock(device)
+
+    with clock:  # one span, nothing else inside, from the first touch of training data to predictions with TTA
+        first_images = train_loader.normalize(train_loader.images[:hyp['net']['whiten_images']])
+        init_whitening_conv(model.whiten, first_images, hyp['net']['whiten_eps'])
+        step = 0
+        for epoch in range(math.ceil(opt['train_epochs'])):
+            model.train()
+            for inputs, labels in train_loader:
+                model.whiten.bias.requires_grad = step < whiten_bias_steps  # once settled, its gradient is waste
+                outputs, loss = loss_function(model, inputs, labels, loss_fn)
+                model.zero_grad(set_to_none=True)
+                loss.backward()
+                for optimizer, scheduler in zip((sgd, muon), schedulers):
+                    optimizer.step()
+                    scheduler.step()
+                step += 1
+                if step == total_steps:
+                    break
+        tta_val_acc = evaluate(forward, test_loader, hyp['net']['tta_level'], hyp['net']['tta_share'])
+    train_loss = loss.item() / len(labels)
+    train_acc = (outputs.detach().argmax(1) == labels).float().mean().item()
+    if not math.isfinite(train_loss):
+        raise UserError(f'training diverged (loss {train_loss} at the end); lower learning rates (opt.muon_lr, '
+                        f'opt.bias_lr, opt.head_lr) may help')
+    val_acc = evaluate(forward, test_loader, tta_level=0)
+    if verbose:
+        print_row([run, 'eval', train_loss, train_acc, val_acc, tta_val_acc, clock.seconds], rule=True)
+    model = copy.deepcopy(model)  # the next run in this process reinitializes model's tensors in place
+    return model, {'tta_val_acc': tta_val_acc, 'val_acc': val_acc, 'time_seconds': clock.seconds,
+                   'train_loss': train_loss, 'train_acc': train_acc, 'steps': total_steps}
+
+def warmup(hyp=hyp, train_loader=None, device=None, verbose=True):
+    """The untimed warm-up before timed runs (paper, section 2), where the network is compiled: one training on random
+    labels (which replace train_loader's), just long enough to compile both variants. Returns whether it trained."""
+    if not compiles(hyp['net'], device or train_loader.device):
+        return False
+    started, epochs = time.perf_counter(), min(hyp['opt']['train_epochs'], hyp['opt']['whiten_bias_epochs'] + 1)
+    hyp = {**hyp, 'opt': {**hyp['opt'], 'train_epochs': epochs}}
+    if verbose:
+        print('warm-up run on random labels, not part of the study')
+    train_loader.labels = torch.randint_like(train_loader.labels, len(CIFAR10_CLASSES))
+    train_loader.images = torch.randint_like(train_loader.images, 256)  # random images too, as the published run
+    train(hyp, train_loader, None, device, 'warm-up', verbose)
+    if verbose:
+        print(f'compiled in {time.perf_counter() - started:.1f} s (warm-up run included)')
+    return True
+
+#############################################
+#              Record attempt               #
+#############################################
+
+def write_log(folder, info, results):
+    """log.pt (all, with this script's source) and summary.json (all but the source) in study.py's format, renamed
+    into place together: they never disagree, and a full disk leaves both at the last complete write."""
+    code = pathlib.Path(__file__).read_text(encoding='utf-8')
+    accs, times = [result['tta_val_acc'] for result in results], [result['time_seconds'] for result in results]
+    summary = {**info, 'source_sha256': hashlib.sha256(code.encode()).hexdigest(), 'n': len(accs),
+               'mean': statistics.fmean(accs) if accs else None, 'std': statistics.stdev(accs) if len(accs) > 1
+               else None, 'mean_time_seconds': statistics.fmean(times) if times else None, 'runs': results}
+    log = {**summary, 'code': code, 'accs': torch.tensor(accs, dtype=torch.float64)}
+    try:
+        os.makedirs(folder, exist_ok=True)
+        atomic_write({os.path.join(folder, 'summary.json'): lambda f: f.write(json.dumps(summary, indent=2).encode()),
+                      os.path.join(folder, 'log.pt'): lambda f: torch.save(log, f)})
+    except OSError as exc:
+        raise UserError(f'cannot write the log in {folder} ({first_line(exc)})') from None
+    return summary
+
+def main(argv=None):
+    """A record attempt: the warm-up (on CUDA), then --runs timed trainings, logged after each."""
+    name = os.path.splitext(os.path.basename(__file__))[0]
+    parser = argparse.ArgumentParser(prog=f'{name}.py', description=__doc__.split('\n\n')[0], epilog=(
+        f'It logs to logs/{name}/. Overrides, seeds, many GPUs: python study.py {name} --help'))
+    parser.add_argument('--runs', type=int, default=25, help='timed trainings (default: %(default)s)')
+    parser.add_argument('--data-dir', default=default_data_dir(), help='folder of the CIFAR-10 cache, '
+                        'downloaded there when missing (default: $CIFAR10_DIR, else ./cifar10)')
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+                        help='cuda, cuda:N or cpu (default: %(default)s; the CPU is hundreds of times slower)')
+    args = parser.parse_args(argv)
+    previous_handler = signal.signal(signal.SIGTERM, stop)  # as Ctrl-C: the finished runs are kept
+    folder, results = None, []
+    try:
+        if args.runs < 1:
+            raise UserError(f'--runs must be at least 1, not {args.runs}')
+        if not os.path.isdir(args.data_dir) and args.data_dir != 'cifar10':
+            raise UserError(f'--data-dir {args.data_dir} is not a folder; correct it or create it to download into it')
+        try:
+            torch.empty(0, device=(device := torch.device(args.device)))
+        except (RuntimeError, AssertionError) as exc:  # a CPU-only torch asserts
+            raise UserError(f'cannot use --device {args.device} ({first_line(exc)}); try --device cpu') from None
+        loader = CifarLoader(args.data_dir, True, hyp['opt']['batch_size'], hyp['aug'], device=device)
+        data = {'dir': os.path.abspath(args.data_dir), 'train_images': len(loader.images),
+                'train_pixel_sum': int(loader.images.sum(dtype=torch.int64))}  # tells data sets apart
+        warmup(hyp, loader)
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%dT%H-%M-%SZ')
+        folder = os.path.join('logs', name, f'{stamp}-{os.getpid()}')
+        info = {'format': 'airbench-study/1', 'script': f'{name}.py', 'status': 'running', 'started': stamp,
+                'command': ' '.join(sys.argv), 'hyp': hyp, 'device': str(device), 'torch': str(torch.__version__),
+                'device_name': torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu', 'data': data}
+        write_log(folder, info, results)
+        for run in range(args.runs):
+            seed = torch.seed()  # logged, so that any run can be repeated
+            loader = CifarLoader(args.data_dir, True, hyp['opt']['batch_size'], hyp['aug'], device=device)
+            result = {'run': run, 'seed': seed, **train(hyp, loader, None, device, run=run)[1]}
+            write_log(folder, info, results + [result])  # a run counts once it is on disk
+            results.append(result)
+        summary = write_log(folder, {**info, 'status': 'complete'}, results)
+        print(f'{name}: {summary["n"]} run{"s" * (summary["n"] > 1)}, mean TTA accuracy {100 * summary["mean"]:.2f}%, '
+              f'std {100 * (summary["std"] or 0):.2f}, mean time {summary["mean_time_seconds"]:.3f} s; log {folder}')
+    except (UserError, KeyboardInterrupt) as exc:
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        message = f'interrupted ({str(exc) or "SIGINT"})' if interrupted else f'error: {exc}'
+        if folder and os.path.isdir(folder):
+            with contextlib.suppress(UserError):
+                write_log(folder, {**info, 'status': 'interrupted' if interrupted else 'failed'}, results)
+            message += f'; {len(results)} finished run(s) kept in {folder}'
+        print(f'{name}.py: {message}', file=sys.stderr)
+        sys.exit(128 + signal.Signals[str(exc) or 'SIGINT'] if interrupted else 1)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+
+def stop(signum, frame):
+    """SIGTERM (a scheduler, timeout, kill) ends a study as Ctrl-C does."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+if __name__ == '__main__':
+    main()
