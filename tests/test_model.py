@@ -168,10 +168,13 @@ def test_tta_levels(recipe, tiny_data):
 
     def both(view):
         return 0.5 * probe(view) + 0.5 * probe(view.flip(-1))
+    translated = [both(padded[..., :32, :32]), both(padded[..., 2:, 2:])]
+    # The paper's level 2 weighs the untranslated views 1/4 each, the translated 1/8; hive's, all six 1/6.
+    equal = RECIPES[recipe.__name__].get('tta_weights') == 'equal'
     expected = {
         0: probe(x),
         1: both(x),
-        2: 0.5 * both(x) + 0.25 * both(padded[..., :32, :32]) + 0.25 * both(padded[..., 2:, 2:]),
+        2: (both(x) + sum(translated)) / 3 if equal else 0.5 * both(x) + 0.25 * sum(translated),
     }
     for level, logits in expected.items():
         assert torch.allclose(recipe.infer(probe, loader, level), logits, atol=1e-6)
@@ -265,7 +268,7 @@ def test_too_few_images_for_a_batch(recipe, tiny_data):
 
 @pytest.mark.parametrize('device', ['cpu', pytest.param('cuda', marks=pytest.mark.gpu)])
 def test_half_precision_path(recipe, tiny_data, device, monkeypatch):
-    """The CUDA recipe's precision (fp16 channels-last, BatchNorm in fp32). On the CPU, forced
+    """The CUDA recipe's precision (fp16 channels-last, BatchNorm in fp32 but in hive). On the CPU, forced
     through precision_for, so that its dtype handling is checked on machines without a GPU; fp16
     is slow there, so a few steps on a few images."""
     if device == 'cpu':
@@ -279,5 +282,6 @@ def test_half_precision_path(recipe, tiny_data, device, monkeypatch):
     assert inputs.dtype == torch.float16 and inputs.is_contiguous(memory_format=torch.channels_last)
     model, result = recipe.train(hyp, train_loader, test_loader, verbose=False)
     assert model.head.weight.dtype == model.whiten.weight.dtype == torch.float16
-    assert all(m.bias.dtype == m.running_var.dtype == torch.float32 for m in batchnorms(model))
+    norm_dtype = torch.float32 if RECIPES[recipe.__name__].get('batchnorm_in_fp32', True) else torch.float16
+    assert all(m.bias.dtype == m.running_var.dtype == norm_dtype for m in batchnorms(model))
     assert result['steps'] == 3 and math.isfinite(result['train_loss']) and 0 <= result['tta_val_acc'] <= 1
