@@ -245,17 +245,26 @@ def test_whitening_bias_trains_only_its_epochs(recipe, tiny_data, whitening_bias
     assert model.whiten.bias.abs().sum() > 0  # it moved while it trained
 
 
-def test_train_on_a_masked_loader_with_overrides(recipe, tiny_data):
-    """The airbench front page's data-selection use: a caller's loader, a subset, changed hyp."""
+def train_on_even_classes(recipe, data_dir, seed):
+    """Trains on the even classes only, through a caller's masked loader and changed hyp, with the
+    test set taken from the train loader's folder: (steps expected, result, share of the test
+    predictions that are even classes)."""
     hyp = tiny_hyp(recipe, opt__label_smoothing=0.0, opt__train_epochs=6)
-    torch.manual_seed(0)
-    train_loader, test_loader = tiny_loaders(recipe, tiny_data, hyp)
+    torch.manual_seed(seed)
+    train_loader, test_loader = tiny_loaders(recipe, data_dir, hyp)
     even = train_loader.labels % 2 == 0
     subset(train_loader, even)
-    model, result = recipe.train(hyp, train_loader)  # the test set: from the train loader's folder
-    assert result['steps'] == int(even.sum()) // hyp['opt']['batch_size'] * 6
+    model, result = recipe.train(hyp, train_loader, verbose=False)
     predictions = recipe.infer(model, test_loader).argmax(1)
-    assert (predictions % 2 == 0).float().mean() > 0.9  # it learned only the classes it saw
+    return int(even.sum()) // hyp['opt']['batch_size'] * 6, result, (predictions % 2 == 0).float().mean().item()
+
+
+def test_train_on_a_masked_loader_with_overrides(recipe, tiny_data):
+    """The airbench front page's data-selection use: a caller's loader, a subset, changed hyp. The
+    bound holds at every seed measured (tools/seed_margins.py, seeds 0-4: SEED_MARGINS)."""
+    steps, result, even_share = train_on_even_classes(recipe, tiny_data, seed=0)
+    assert result['steps'] == steps
+    assert even_share > 0.9  # it learned only the classes it saw
 
 
 def test_too_few_images_for_a_batch(recipe, tiny_data):

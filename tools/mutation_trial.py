@@ -20,7 +20,7 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AIRBENCH = ['airbench94', 'airbench94_compiled', 'airbench95', 'airbench96', 'airbench96_faster',
-            'airbench94_muon']
+            'airbench94_muon', 'airbench94_hive']
 CROSS_COPY_TEST = 'test_compiled_training_equals_plain_training'
 OWN_TESTS = {  # tests that import the recipe themselves, beyond those parametrized with its name
     'airbench94_compiled': ['tests/test_recipes.py::test_network_is_compiled_once_and_reused',
@@ -29,6 +29,7 @@ OWN_TESTS = {  # tests that import the recipe themselves, beyond those parametri
                    'tests/test_recipes.py::test_cutout_squares_over_an_epoch'],
     'airbench96_faster': ['tests/test_faster.py'],
     'airbench94_muon': ['tests/test_muon.py'],
+    'airbench94_hive': ['tests/test_hive.py'],
     'cifar94_simple': ['tests/test_simple.py'],
 }
 
@@ -148,6 +149,36 @@ OWN = {
          "dict(params=norm_biases, lr=hyp_opt['head_lr'])"),
         ('Muon never steps', 'zip((sgd, muon), schedulers)', 'zip((sgd,), schedulers[:1])'),
         ('gradients never zeroed', '                model.zero_grad(set_to_none=True)\n', ''),
+    ],
+    'airbench94_hive': [
+        ("Newton-Schulz's coefficients muon's", 'a, b, c = 3.4576, -4.7391, 2.0843', 'a, b, c = 3.4445, -4.7750, 2.0315'),
+        ('Newton-Schulz normalizes the whole stack, not each matrix', 'x = x / (x.norm(dim=(1, 2), keepdim=True) + 1e-5)',
+         'x = x / (x.norm() + 1e-5)'),
+        ('renormalization interval one step late', 'first + (last - first) * self.steps // self.total_steps',
+         'first + (last - first) * (self.steps - 1) // self.total_steps'),
+        ('renormalization one step later than due', 'if renorm := self.steps - self.last_renorm >= first',
+         'if renorm := self.steps - self.last_renorm > first'),
+        ('renormalized to sqrt(in_channels)', 'weight.mul_(math.sqrt(len(weight)) / (weight.norm() + 1e-7))',
+         'weight.mul_(math.sqrt(weight.shape[1]) / (weight.norm() + 1e-7))'),
+        ("Muon's decay not scaled by the rate", "weight.mul_(1 - group['lr'] * group['weight_decay'])",
+         "weight.mul_(1 - group['weight_decay'])"),
+        ("Muon's decay left out", "                weight.mul_(1 - group['lr'] * group['weight_decay'])\n", ''),
+        ('Muon without Nesterov', "direction = weight.grad.add(buffer, alpha=group['momentum'])", 'direction = buffer'),
+        ('jitter scales before it shifts', 'return (images + shift * brightness) * (1 + scale * contrast)',
+         'return images * (1 + scale * contrast) + shift * brightness'),
+        ('jitter drawn per pixel', 'torch.rand(2, len(images), 1, 1, 1,', 'torch.rand(2, *images.shape,'),
+        ('jitter only brightens and raises contrast', 'dtype=images.dtype) * 2 - 1)', 'dtype=images.dtype))'),
+        ('TTA for the most confident', 'topk(round(tta_share * len(logits)), largest=False)',
+         'topk(round(tta_share * len(logits)), largest=True)'),
+        ('TTA for every image', 'topk(round(tta_share * len(logits)), largest=False)', 'topk(len(logits), largest=False)'),
+        ("TTA with the paper's weights", 'return (mirrored + 2 * translated) / 3', 'return 0.5 * mirrored + 0.5 * translated'),
+        ('whitening bias from zero', '    net.whiten.weight.requires_grad = False\n    return net',
+         '    net.whiten.weight.requires_grad = False\n    nn.init.zeros_(net.whiten.bias)\n    return net'),
+        ('whitening bias trains 6 steps', "max(math.ceil(len(train_loader) * opt['whiten_bias_epochs']), 1)",
+         "max(int(len(train_loader) * opt['whiten_bias_epochs']), 1)"),
+        ('GELU in the blocks', '        self.activ = nn.SiLU()\n', '        self.activ = nn.GELU()\n'),
+        ('loss averaged over the batch', 'return outputs, loss_fn(outputs, labels).sum()',
+         'return outputs, loss_fn(outputs, labels).mean()'),
     ],
     'cifar94_simple': [
         ('label smoothing not applied', 'label_smoothing=0.2, ', ''),
