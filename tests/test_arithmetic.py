@@ -142,6 +142,29 @@ def test_training_loss_is_the_smoothed_cross_entropy_summed(recipe, tiny_data, m
     assert result['train_loss'] == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_each_step_uses_its_own_gradient(recipe, tiny_data):
+    """When an optimizer steps, every gradient it holds is the one that step's backward computed,
+    not a sum with earlier steps' gradients: they are cleared before each backward. (Checked from
+    each optimizer's second step on: its first step is when its tensors are found.)"""
+    latest, handles, agrees = {}, [], []
+
+    def check(optimizer, args, kwargs):
+        for param in (p for group in optimizer.param_groups for p in group['params'] if p.grad is not None):
+            if id(param) in latest:
+                agrees.append(torch.equal(param.grad, latest[id(param)]))
+            else:  # from now on, remember what each backward computes for it
+                handles.append(param.register_hook(lambda grad, key=id(param): latest.__setitem__(key, grad.clone())))
+                latest[id(param)] = param.grad.clone()
+    handle = register_optimizer_step_pre_hook(check)
+    try:
+        train_tiny(recipe, tiny_data)
+    finally:
+        handle.remove()
+        for each in handles:
+            each.remove()
+    assert len(agrees) > STEPS and all(agrees)
+
+
 @pytest.mark.parametrize('name', SGD_RECIPES)
 def test_learning_rate_of_every_step_as_train_applies_it(name, tiny_data, main_network_steps):
     """Step s of S uses the decoupled base rate (per 1024 examples, over 1 + 1/(1 - momentum)),

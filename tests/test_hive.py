@@ -35,7 +35,7 @@ def test_batched_newton_schulz_equals_one_matrix_at_a_time(hive):
     matrices = [torch.randn(shape, generator=generator) for shape in FILTER_SHAPES]
     together = hive.newton_schulz(padded_stack(matrices, 256, 2304), 3)
     assert together.dtype == torch.float16 and together.shape == (6, 256, 2304)
-    for matrix, result in zip(matrices, together):
+    for matrix, result in list(zip(matrices, together))[:4]:  # the last three are of one shape
         rows, cols = matrix.shape
         alone = hive.newton_schulz(matrix[None], 3)[0]
         assert (result[:rows, :cols].float() - alone.float()).abs().max() < 2e-3
@@ -125,8 +125,8 @@ def test_parameter_groups_rates_and_decays(hive):
 def test_schedules_at_steps_0_6_7_242(hive, tmp_path):
     """The rates of a whole 243-step run (32 batches an epoch, as on CIFAR-10): the whitening bias's
     falls to 0 over its 7 steps, the others over 243; and the bias trains in steps 0-6 only."""
-    data_dir = write_cache(str(tmp_path / 'cifar10'), n_train=256, n_test=64)
-    hyp = tiny_hyp(hive, opt__batch_size=8, net__widths={'block1': 4, 'block2': 4, 'block3': 4},
+    data_dir = write_cache(str(tmp_path / 'cifar10'), n_train=64, n_test=16)
+    hyp = tiny_hyp(hive, opt__batch_size=2, net__widths={'block1': 4, 'block2': 4, 'block3': 4},
                    opt__train_epochs=7.59)
     rates, bias_trains = [], []
 

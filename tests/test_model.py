@@ -60,6 +60,29 @@ def test_frozen_and_trainable_parameters(recipe):
     assert all(m.bias is None for m in later_convs(model)) and model.head.bias is None
 
 
+def test_block_is_conv_pool_norm_activation(recipe):
+    """Each block, written out: conv, 2x2 max-pool, BatchNorm, the recipe's activation (GELU; SiLU
+    in hive), then conv, BatchNorm, activation; the 96% blocks add a third conv and BatchNorm whose
+    output joins the first stage's before the last activation."""
+    torch.manual_seed(0)
+    block = recipe.make_net(recipe.hyp['net']).block1.eval()
+    with torch.no_grad():  # non-zero biases and statistics make every term visible
+        for norm in batchnorms(block):
+            norm.bias.normal_(), norm.running_mean.normal_(), norm.running_var.uniform_(0.5, 2)
+    activation = nn.functional.silu if RECIPES[recipe.__name__].get('activation') == 'silu' else nn.functional.gelu
+    x = torch.randn(4, block.conv1.in_channels, 12, 12)
+    with torch.no_grad():
+        first = activation(block.norm1(nn.functional.max_pool2d(block.conv1(x), 2)))
+        second = activation(block.norm2(block.conv2(first)))
+        residual = hasattr(block, 'conv3')
+        expected = activation(first + block.norm3(block.conv3(second))) if residual else second
+        output = block(x)
+    assert output.shape == (4, block.conv1.out_channels, 6, 6)
+    assert torch.allclose(output, expected, atol=1e-5)
+    assert [type(m) for m in block.children()].count(nn.Conv2d) == (3 if residual else 2)
+    assert residual == (RECIPES[recipe.__name__]['hyp'].get('aug.cutout', 0) > 0)  # the 96% recipes
+
+
 def test_logits_are_scaled(recipe):
     model = recipe.make_net(recipe.hyp['net']).eval()
     x = torch.randn(2, 3, 32, 32)
