@@ -59,7 +59,7 @@ hyp = {
         'momentum': 0.825,          # Nesterov momentum of SGD
         'bias_lr': 0.0573,          # SGD's learning rate for the whitening and BatchNorm biases
         'head_lr': 0.5415,          # SGD's learning rate for the linear head
-        'weight_decay': 1.0418e-6,  # SGD's and Muon's decay per example (decoupled, see above)
+        'weight_decay': 1.0418e-6,  # SGD's (L2) and Muon's decay per example, whatever the rate (see above)
         'label_smoothing': 0.09,    # share of each target spread evenly over the 10 classes
         'lr_knots': ((0.0, 1.0), (1.0, 0.0)),  # (fraction of steps, lr multiplier), for all rates
         'whiten_bias_epochs': 0.19,  # epochs the whitening bias trains, rounded up to whole steps (7)
@@ -374,7 +374,7 @@ def forward_loss(model, inputs, labels, loss_fn):
 
 def compiled_newton_schulz(hyp_net, device):
     """newton_schulz, compiled once per process and device where the network is. In inductor's
-    default mode: CUDA graphs would gain little on a function called once per filter and step."""
+    default mode: CUDA graphs would gain little on a function called a few times a step."""
     if not compiles(hyp_net, device):
         return newton_schulz
     key = ('newton_schulz', hyp_net['compile_backend'], str(device))
@@ -487,14 +487,15 @@ def lr_multiplier(progress, knots):
 
 def predict(model, inputs, tta_level):
     """Logits averaged over test-time views (paper, section 3.5). Level 1: the image and its mirror.
-    Level 2: also both views translated one pixel up-left and one down-right; all six views weigh 1/6."""
+    Level 2: also both views translated one pixel up-left and one down-right; all six views weigh 1/6.
+    Crops and CUDA's padding lose the network's memory layout (channels-last on CUDA): the crops get it back."""
     if tta_level == 0:
         return model(inputs)
     mirrored = 0.5 * model(inputs) + 0.5 * model(inputs.flip(-1))
     if tta_level == 1:
         return mirrored
     padded = F.pad(inputs, (1,) * 4, mode='reflect')
-    shifted = [padded[..., :-2, :-2], padded[..., 2:, 2:]]
+    shifted = [v.to(memory_format=precision_for(v.device)[1]) for v in (padded[..., :-2, :-2], padded[..., 2:, 2:])]
     translated = sum(0.5 * model(view) + 0.5 * model(view.flip(-1)) for view in shifted) / len(shifted)
     return (mirrored + 2 * translated) / 3
 
@@ -524,19 +525,19 @@ def evaluate(model, loader, tta_level=0, tta_share=1.0):
 #############################################
 
 class Clock:
-    """Adds up the seconds spent in `with clock:` blocks: CUDA events on the GPU (they time the
-    queued GPU work, not the Python that queues it), time.perf_counter on the CPU."""
+    """Adds up the seconds spent in `with clock:` blocks: CUDA events on the device's stream (they time
+    its queued work, not the Python that queues it, whichever GPU is current), time.perf_counter on the CPU."""
     def __init__(self, device):
-        self.cuda, self.seconds = torch.device(device).type == 'cuda', 0.0
+        self.cuda, self.device, self.seconds = torch.device(device).type == 'cuda', torch.device(device), 0.0
     def now(self):
         if self.cuda:
-            (event := torch.cuda.Event(enable_timing=True)).record()
+            (event := torch.cuda.Event(enable_timing=True)).record(torch.cuda.current_stream(self.device))
         return event if self.cuda else time.perf_counter()
     def __enter__(self):
         self.start = self.now()
     def __exit__(self, *exc_info):
         end = self.now()
-        self.seconds += (torch.cuda.synchronize() or self.start.elapsed_time(end) / 1000) if self.cuda \
+        self.seconds += (torch.cuda.synchronize(self.device) or self.start.elapsed_time(end) / 1000) if self.cuda \
             else end - self.start
 
 def print_row(cells, head=False, rule=False):
@@ -597,9 +598,9 @@ def train(hyp=hyp, train_loader=None, test_loader=None, device=None, run=None, v
                 step += 1
                 if step == total_steps:
                     break
+        last = loss.detach().clone(), (outputs.argmax(1) == labels).float().mean()  # CUDA graphs reuse their memory
         tta_val_acc = evaluate(forward, test_loader, hyp['net']['tta_level'], hyp['net']['tta_share'])
-    train_loss = loss.item() / len(labels)
-    train_acc = (outputs.detach().argmax(1) == labels).float().mean().item()
+    train_loss, train_acc = last[0].item() / len(labels), last[1].item()
     if not math.isfinite(train_loss):
         raise UserError(f'training diverged (loss {train_loss} at the end); lower learning rates (opt.muon_lr, '
                         f'opt.bias_lr, opt.head_lr) may help')

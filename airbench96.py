@@ -381,14 +381,15 @@ def lr_multiplier(progress, knots):
 def predict(model, inputs, tta_level):
     """Logits averaged over test-time views (paper, section 3.5). Level 1: the image and its mirror.
     Level 2: also both views translated one pixel up-left and one down-right; the two untranslated
-    views weigh 0.25 each, the four translated ones 0.125 each."""
+    views weigh 0.25 each, the four translated ones 0.125 each.
+    Crops and CUDA's padding lose the network's memory layout (channels-last on CUDA): the crops get it back."""
     if tta_level == 0:
         return model(inputs)
     mirrored = 0.5 * model(inputs) + 0.5 * model(inputs.flip(-1))
     if tta_level == 1:
         return mirrored
     padded = F.pad(inputs, (1,) * 4, mode='reflect')
-    shifted = [padded[..., :-2, :-2], padded[..., 2:, 2:]]
+    shifted = [v.to(memory_format=precision_for(v.device)[1]) for v in (padded[..., :-2, :-2], padded[..., 2:, 2:])]
     translated = sum(0.5 * model(view) + 0.5 * model(view.flip(-1)) for view in shifted) / len(shifted)
     return 0.5 * mirrored + 0.5 * translated
 
@@ -414,19 +415,19 @@ def evaluate(model, loader, tta_level=0):
 #############################################
 
 class Clock:
-    """Adds up the seconds spent in `with clock:` blocks: CUDA events on the GPU (they time the
-    queued GPU work, not the Python that queues it), time.perf_counter on the CPU."""
+    """Adds up the seconds spent in `with clock:` blocks: CUDA events on the device's stream (they time
+    its queued work, not the Python that queues it, whichever GPU is current), time.perf_counter on the CPU."""
     def __init__(self, device):
-        self.cuda, self.seconds = torch.device(device).type == 'cuda', 0.0
+        self.cuda, self.device, self.seconds = torch.device(device).type == 'cuda', torch.device(device), 0.0
     def now(self):
         if self.cuda:
-            (event := torch.cuda.Event(enable_timing=True)).record()
+            (event := torch.cuda.Event(enable_timing=True)).record(torch.cuda.current_stream(self.device))
         return event if self.cuda else time.perf_counter()
     def __enter__(self):
         self.start = self.now()
     def __exit__(self, *exc_info):
         end = self.now()
-        self.seconds += (torch.cuda.synchronize() or self.start.elapsed_time(end) / 1000) if self.cuda \
+        self.seconds += (torch.cuda.synchronize(self.device) or self.start.elapsed_time(end) / 1000) if self.cuda \
             else end - self.start
 
 def print_row(cells, head=False, rule=False):

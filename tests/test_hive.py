@@ -264,3 +264,27 @@ def test_compiled_once_and_reused(hive, tiny_data, graphs_compiled):
                    and node.meta['example_value'].dim() == 3 for node in graph.graph.nodes)
     assert sum(map(takes_the_filter_stack, first)) == 1 and len(first) >= 4 and second == []
     assert_static_batch_sizes(first)
+
+
+def test_last_loss_is_kept_before_evaluation_reuses_its_memory(hive, tiny_data, monkeypatch):
+    """On CUDA the compiled step's outputs live in CUDA graph memory that the evaluation's graphs
+    reuse: the run's train loss and accuracy are copied before the evaluation. Emulated: evaluate
+    first overwrites what the last training step returned."""
+    returned = []
+    real_forward_loss, real_evaluate = hive.forward_loss, hive.evaluate
+
+    def remember(*args):
+        returned[:] = real_forward_loss(*args)
+        return tuple(returned)
+
+    def overwrite_then_evaluate(*args):
+        with torch.no_grad():
+            for tensor in returned:
+                tensor.fill_(float('nan'))
+        return real_evaluate(*args)
+    monkeypatch.setattr(hive, 'forward_loss', remember)
+    monkeypatch.setattr(hive, 'evaluate', overwrite_then_evaluate)
+    hyp = tiny_hyp(hive)
+    torch.manual_seed(0)
+    _, result = hive.train(hyp, *tiny_loaders(hive, tiny_data, hyp), device='cpu', verbose=False)
+    assert math.isfinite(result['train_loss']) and 0 <= result['train_acc'] <= 1

@@ -206,6 +206,48 @@ def test_tta_levels(recipe, tiny_data):
         recipe.infer(probe, loader, 3)
 
 
+def test_tta_views_keep_the_input_layout(recipe, tiny_data, monkeypatch):
+    """Every view reaches the network in the layout of its input (channels-last on CUDA), although
+    CUDA's reflect padding returns the usual layout: emulated here by a pad that does the same."""
+    layouts = []
+
+    class Recorder(nn.Module):
+        def forward(self, x):
+            layouts.append(x.is_contiguous(memory_format=torch.channels_last))
+            return x.mean((2, 3)).repeat(1, 4)[:, :10]
+    real_pad = nn.functional.pad
+    monkeypatch.setattr(recipe, 'F', type('F', (), {'pad': staticmethod(
+        lambda *args, **kwargs: real_pad(*args, **kwargs).contiguous())}))
+    monkeypatch.setattr(recipe, 'precision_for', lambda device: (torch.float32, torch.channels_last))
+    loader = recipe.CifarLoader(tiny_data, False, 64, device='cpu')
+    recipe.infer(Recorder(), loader, tta_level=2)
+    assert len(layouts) >= 12 and all(layouts)
+
+
+def test_clock_times_the_training_device(recipe, monkeypatch):
+    """On CUDA the clock records its events on the training device's stream and waits for that
+    device, not for whichever GPU is current (--device cuda:1). Faked: there is no GPU here."""
+    calls = []
+
+    class Event:
+        def __init__(self, enable_timing):
+            assert enable_timing
+
+        def record(self, stream):
+            calls.append(('record', stream))
+
+        def elapsed_time(self, end):
+            return 1500.0
+    monkeypatch.setattr(torch.cuda, 'Event', Event)
+    monkeypatch.setattr(torch.cuda, 'current_stream', lambda device: f'stream of {device}')
+    monkeypatch.setattr(torch.cuda, 'synchronize', lambda device: calls.append(('synchronize', device)))
+    clock = recipe.Clock('cuda:1')
+    with clock:
+        pass
+    assert calls == [('record', 'stream of cuda:1')] * 2 + [('synchronize', torch.device('cuda:1'))]
+    assert clock.seconds == 1.5
+
+
 def test_infer_keeps_dataset_order(recipe, tiny_data):
     loader = recipe.CifarLoader(tiny_data, True, 50, aug={'flip': True, 'translate': 2}, device='cpu')
     model = recipe.make_net(tiny_hyp(recipe)['net'])

@@ -50,8 +50,9 @@ AIRBENCH = [name for name in RECIPES if name.startswith('airbench')]
 # carry the compilation cache on top of airbench94 (592 lines); muon and faster add their optimizer
 # or data filter on top of that, and hive its jitter, selective TTA and batched Muon on top of muon
 # (within 220 changed lines); no cut found left them readable within 600: their budgets hold them at
-# their present length, so that a line more has to be argued for here.
-LINE_BUDGET = {'airbench94_compiled': 620, 'airbench94_muon': 686, 'airbench96_faster': 676, 'airbench94_hive': 708}
+# their present length, so that a line more has to be argued for here. (The last line more: TTA's
+# crops copied back to channels-last, which CUDA's reflect padding and slicing lose.)
+LINE_BUDGET = {'airbench94_compiled': 620, 'airbench94_muon': 687, 'airbench96_faster': 677, 'airbench94_hive': 709}
 
 
 @pytest.mark.parametrize('name', AIRBENCH)
