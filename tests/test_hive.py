@@ -122,9 +122,9 @@ def test_parameter_groups_rates_and_decays(hive):
         assert group['nesterov'] and group['momentum'] == 0.825 and group['dampening'] == 0 and group['fused']
 
 
-def test_schedules_at_steps_0_6_7_242(hive, tmp_path):
-    """The rates of a whole 243-step run (32 batches an epoch, as on CIFAR-10): the whitening bias's
-    falls to 0 over its 7 steps, the others over 243; and the bias trains in steps 0-6 only."""
+def test_schedules_at_every_step(hive, tmp_path):
+    """The rates of a whole 243-step run (32 batches an epoch, as on CIFAR-10) at every step: the
+    whitening bias's falls to 0 over its 7 steps, the others over 243; the bias trains in steps 0-6."""
     data_dir = write_cache(str(tmp_path / 'cifar10'), n_train=64, n_test=16)
     hyp = tiny_hyp(hive, opt__batch_size=2, net__widths={'block1': 4, 'block2': 4, 'block3': 4},
                    opt__train_epochs=7.59)
@@ -143,10 +143,10 @@ def test_schedules_at_steps_0_6_7_242(hive, tmp_path):
     finally:
         handle.remove()
     assert result['steps'] == len(rates) == 243
-    for step in (0, 6, 7, 242):
-        left = 1 - step / 243
-        assert rates[step] == pytest.approx([0.0573 * max(1 - step / 7, 0), 0.0573 * left, 0.5415 * left,
-                                             0.205 * left])
+    expected = [[0.0573 * max(1 - step / 7, 0), 0.0573 * (1 - step / 243), 0.5415 * (1 - step / 243),
+                 0.205 * (1 - step / 243)] for step in range(243)]
+    assert rates == [pytest.approx(each) for each in expected]  # every step, so 0, 6, 7 and 242 too
+    assert rates[6][0] == pytest.approx(0.0573 / 7) and rates[7][0] == 0 and rates[242][3] == pytest.approx(0.205 / 243)
     assert bias_trains == [True] * 7 + [False] * 236
 
 

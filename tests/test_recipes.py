@@ -1,4 +1,5 @@
-"""What each sibling adds to the script it derives from: diff bounds, cutout, compilation. The records since the paper have their own test files."""
+"""What each sibling adds to the script it derives from: diff bounds, cutout, compilation. The
+records since the paper have their own test files."""
 import difflib
 import importlib
 import os
@@ -47,7 +48,7 @@ def test_sibling_stays_within_its_diff_bound(name):
 
 AIRBENCH = [name for name in RECIPES if name.startswith('airbench')]
 # Lines a recipe may have: DESIGN.md's 600 (the paper's scripts have 450-711). The compiled variants
-# carry the compilation cache on top of airbench94 (592 lines); muon and faster add their optimizer
+# carry the compilation cache on top of airbench94 (593 lines); muon and faster add their optimizer
 # or data filter on top of that, and hive its jitter, selective TTA and batched Muon on top of muon
 # (within 220 changed lines); no cut found left them readable within 600: their budgets hold them at
 # their present length, so that a line more has to be argued for here. (The last line more: TTA's
