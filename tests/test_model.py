@@ -277,7 +277,10 @@ def count_steps():
     handle.remove()
 
 
-def test_training_is_seeded_and_learns(recipe, tiny_data, count_steps):
+def test_training_is_seeded(recipe, tiny_data, count_steps):
+    """The same seed, the same network and results; another seed, others. No accuracy bound: after
+    12 tiny steps the accuracy is 0.19-0.27 over seeds 0-4 (tools/seed_margins.py), too near chance
+    to bound safely; test_train_on_a_masked_loader_with_overrides shows the learning."""
     model_a, result_a = train_tiny(recipe, tiny_data, seed=0, opt__train_epochs=1.5)
     # The network's optimizers step once a step; a data filter's proxy may step less often.
     assert max(count_steps.values()) == result_a['steps'] == TINY_TRAIN_IMAGES // TINY['opt.batch_size'] * 1.5
@@ -290,8 +293,7 @@ def test_training_is_seeded_and_learns(recipe, tiny_data, count_steps):
                                                       model_c.state_dict().values()))
     assert result_a == {**result_b, 'time_seconds': result_a['time_seconds']}
     assert result_a['train_loss'] != result_c['train_loss']
-    assert result_a['tta_val_acc'] > 0.25  # ten colors under noise: well above chance (0.1) in 12 steps
-    assert result_a['time_seconds'] > 0
+    assert 0 <= result_a['tta_val_acc'] <= 1 and result_a['time_seconds'] > 0
 
 
 def test_whitening_bias_trains_only_its_epochs(recipe, tiny_data, whitening_bias_history):
@@ -326,7 +328,8 @@ def train_on_even_classes(recipe, data_dir, seed):
 
 def test_train_on_a_masked_loader_with_overrides(recipe, tiny_data):
     """The airbench front page's data-selection use: a caller's loader, a subset, changed hyp. The
-    bound holds at every seed measured (tools/seed_margins.py, seeds 0-4: SEED_MARGINS)."""
+    bound holds at seeds 0-4 for every recipe (tools/seed_margins.py, 2026-12-01: the lowest share
+    of even-class predictions was 0.94, airbench96_faster at seed 0; 0.98 or more for the others)."""
     steps, result, even_share = train_on_even_classes(recipe, tiny_data, seed=0)
     assert result['steps'] == steps
     assert even_share > 0.9  # it learned only the classes it saw
