@@ -154,6 +154,46 @@ def test_seeded_training_lowers_the_loss(small_recipe, capsys):
     assert all(a['time'] < b['time'] for a, b in zip(rows, rows[1:]))  # training time adds up
 
 
+def test_optimizer_loss_inputs_and_evaluation_as_the_document_says(small_recipe, monkeypatch):
+    """Nesterov SGD, momentum 0.9, weight decay 5e-4 x 512 (the loss is a sum); each loss is the
+    label-smoothed (0.2) cross-entropy, summed, of the network's outputs divided by 8; the network
+    sees standardized images; evaluation runs in eval mode (BatchNorm's running statistics)."""
+    optimizers, losses, seen = set(), [], []
+    real_cross_entropy = nn.functional.cross_entropy
+
+    def record_loss(logits, targets, **kwargs):
+        loss = real_cross_entropy(logits, targets, **kwargs)
+        losses.append((logits.detach(), targets, loss.detach()))
+        return loss
+    monkeypatch.setattr(nn.functional, 'cross_entropy', record_loss)
+    real_make_net = simple.make_net
+
+    def make_net_and_watch():
+        net = real_make_net()
+        net.register_forward_hook(lambda module, args, output: seen.append(
+            (module.training, torch.is_grad_enabled(), args[0].detach(), output.detach())))
+        return net
+    monkeypatch.setattr(simple, 'make_net', make_net_and_watch)
+    handle = register_optimizer_step_pre_hook(lambda optimizer, args, kwargs: optimizers.add(optimizer))
+    try:
+        torch.manual_seed(0)
+        simple.train(small_recipe)
+    finally:
+        handle.remove()
+    [optimizer] = optimizers
+    [group] = optimizer.param_groups
+    assert group['nesterov'] and group['momentum'] == 0.9 and group['weight_decay'] == pytest.approx(5e-4 * 512)
+    training = [(inputs, outputs) for train_mode, grad, inputs, outputs in seen if train_mode and grad]
+    assert len(losses) == len(training) == 5 * (256 // 32)
+    for (logits, targets, loss), (_, outputs) in zip(losses, training):
+        assert torch.allclose(logits, outputs / 8)
+        assert loss == pytest.approx(real_cross_entropy(logits, targets, label_smoothing=0.2, reduction='sum').item())
+    evaluation = [(train_mode, inputs) for train_mode, grad, inputs, _ in seen if not grad]
+    assert evaluation and not any(train_mode for train_mode, _ in evaluation)
+    test_inputs = torch.cat([inputs for _, inputs in evaluation[-1:]])
+    assert test_inputs.mean((0, 2, 3)).abs().max() < 0.2 and (test_inputs.std((0, 2, 3)) - 1).abs().max() < 0.3
+
+
 def test_offline_failure_is_one_line(tmp_path, monkeypatch):
     url = go_offline(monkeypatch, simple, 'URL')
     with pytest.raises(SystemExit) as exit_info:
