@@ -277,11 +277,11 @@ def test_last_loss_is_kept_before_evaluation_reuses_its_memory(hive, tiny_data, 
         returned[:] = real_forward_loss(*args)
         return tuple(returned)
 
-    def overwrite_then_evaluate(*args):
+    def overwrite_then_evaluate(*args, **kwargs):
         with torch.no_grad():
             for tensor in returned:
                 tensor.fill_(float('nan'))
-        return real_evaluate(*args)
+        return real_evaluate(*args, **kwargs)
     monkeypatch.setattr(hive, 'forward_loss', remember)
     monkeypatch.setattr(hive, 'evaluate', overwrite_then_evaluate)
     hyp = tiny_hyp(hive)
