@@ -39,23 +39,20 @@ def holds(optimizer, tensor):
 
 
 @pytest.fixture
-def main_network_steps(monkeypatch):
+def main_network_steps(whitening_bias_history):
     """watch(recipe) -> a list that gets, before each step of an optimizer that trains the main
     network (the first whose whitening is initialized, not a data filter's proxy), its groups' rates."""
     rates, whitening_convs = [], []
 
     def record(optimizer, args, kwargs):
-        if whitening_convs and holds(optimizer, whitening_convs[0].bias):
+        if whitening_convs and whitening_convs[0] and holds(optimizer, whitening_convs[0][0].bias):
             rates.append([group['lr'] for group in optimizer.param_groups])
     handle = register_optimizer_step_pre_hook(record)
 
     def watch(recipe):
-        real_init = recipe.init_whitening_conv
-
-        def init_and_remember(conv, images, eps):
-            whitening_convs.append(conv)
-            real_init(conv, images, eps)
-        monkeypatch.setattr(recipe, 'init_whitening_conv', init_and_remember)
+        whitening_convs[:] = []
+        convs, _ = whitening_bias_history(recipe)
+        whitening_convs.append(convs)
         return rates
     yield watch
     handle.remove()
