@@ -10,10 +10,9 @@ import torch
 from conftest import assert_one_line, subset, write_cache
 
 
-def make_tarball(path, records_per_batch=3, seed=0, damage=lambda raw: raw):
+def make_tarball(path, records_per_batch=3, seed=0):
     """A tarball in the layout of cifar-10-binary.tar.gz with a few random records per batch file;
-    returns the expected {'train': (images, labels), 'test': ...} decoded independently of the code.
-    `damage` may alter the bytes of the last member, test_batch.bin."""
+    returns the expected {'train': (images, labels), 'test': ...} decoded independently of the code."""
     generator = torch.Generator().manual_seed(seed)
     names = {'train': [f'data_batch_{i}.bin' for i in range(1, 6)], 'test': ['test_batch.bin']}
     expected = {}
@@ -25,7 +24,6 @@ def make_tarball(path, records_per_batch=3, seed=0, damage=lambda raw: raw):
                 planes = torch.randint(0, 256, (records_per_batch, 3, 32, 32), generator=generator)
                 raw = b''.join(bytes([int(label[i])]) + bytes(planes[i].flatten().tolist())
                                for i in range(records_per_batch))
-                raw = damage(raw) if name == 'test_batch.bin' else raw
                 info = tarfile.TarInfo(f'cifar-10-batches-bin/{name}')
                 info.size = len(raw)
                 tar.addfile(info, io.BytesIO(raw))
@@ -93,19 +91,6 @@ def test_md5_mismatch_removes_the_file(recipe, tmp_path):
     with pytest.raises(recipe.UserError, match='removed'):
         recipe.load_cifar10(str(data_dir))
     assert not (data_dir / 'cifar-10-binary.tar.gz').exists()
-
-
-@pytest.mark.parametrize('damage, problem', [
-    (lambda raw: raw[:-1], "shape '[-1, 3073]' is invalid"),  # not whole 3073-byte records
-    (lambda raw: bytes([10]) + raw[1:], 'labels above 9'),
-])
-def test_tarball_with_bad_records(recipe, tmp_path, monkeypatch, damage, problem):
-    path = tmp_path / 'cifar-10-binary.tar.gz'
-    make_tarball(str(path), damage=damage)
-    serve(recipe, monkeypatch, path)
-    with pytest.raises(recipe.UserError, match='not a readable CIFAR-10 tarball') as error:
-        recipe.load_cifar10(str(tmp_path))
-    assert problem in str(error.value) and not (tmp_path / 'test.pt').exists()
 
 
 def test_data_dir_that_is_a_file(recipe, tmp_path):
