@@ -41,7 +41,6 @@ import os
 import secrets
 import signal
 import sys
-import tempfile
 import traceback
 
 import torch
@@ -286,13 +285,12 @@ def format_summary(name, stats):
 #############################################
 
 def atomic_write(writers):
-    """{path: write(file)}: all files are written to temporaries first and renamed into place only
-    when every one is complete, so the set on disk is always one complete write."""
-    temporaries = {}
+    """{path: write(file)}: all files are written to temporaries first (this process's own) and renamed
+    into place only when every one is complete, so the set on disk is always one complete write."""
+    temporaries = {path: f'{path}.{os.getpid()}.tmp' for path in writers}
     try:
         for path, write in writers.items():
-            fd, temporaries[path] = tempfile.mkstemp(dir=os.path.dirname(path), suffix='.tmp')
-            with os.fdopen(fd, 'wb') as file:
+            with open(temporaries[path], 'wb') as file:  # the permissions of any new file, not mkstemp's 0600
                 write(file)
         for path, temporary in temporaries.items():
             os.replace(temporary, path)

@@ -322,6 +322,14 @@ def assert_one_line(message):
     assert message.strip() and message.rstrip('\n').count('\n') == 0 and 'Traceback' not in message
 
 
+def assert_shareable(*paths):
+    """Caches and logs that others may read as the umask allows, as open() makes files (mkstemp's 0600 would not)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for path in paths:
+        assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask, f'{path} has mode {os.stat(path).st_mode & 0o777:o}'
+
+
 def study_args(recipe, data_dir, log_dir, *extra, device='cpu'):
     """study.py's arguments for a study of the recipe at test size."""
     return [recipe.__name__, '--data-dir', str(data_dir), '--log-dir', str(log_dir), '--device', device,

@@ -7,7 +7,7 @@ import tarfile
 import pytest
 import torch
 
-from conftest import assert_one_line, subset, write_cache
+from conftest import assert_one_line, assert_shareable, subset, write_cache
 
 
 def make_tarball(path, records_per_batch=3, seed=0):
@@ -60,9 +60,7 @@ def test_download_parse_and_cache(recipe, crafted_tarball, tmp_path):
     assert sorted(os.listdir(data_dir)) == ['cifar-10-binary.tar.gz', 'test.pt', 'train.pt']
     cached = torch.load(data_dir / 'train.pt', weights_only=True)  # the airbench cache layout
     assert set(cached) == {'images', 'labels', 'classes'}
-    umask = os.umask(0o022)
-    os.umask(umask)
-    assert os.stat(data_dir / 'train.pt').st_mode & 0o777 == 0o666 & ~umask  # shareable, as open() makes
+    assert_shareable(data_dir / 'train.pt')
 
 
 def test_tarball_by_hand_is_used_without_download(recipe, crafted_tarball, tmp_path, offline):

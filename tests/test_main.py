@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import compare
-from conftest import ROOT, assert_one_line, only_log, read_summary, run_main, signal_after_first_run, tiny_hyp
+from conftest import (ROOT, assert_one_line, assert_shareable,
+                      only_log, read_summary, run_main, signal_after_first_run, tiny_hyp)
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
@@ -89,6 +90,7 @@ def test_full_disk_keeps_the_last_complete_log(tiny_recipe, tiny_data, tmp_path,
     summary, log = read_summary(folder), torch.load(os.path.join(folder, 'log.pt'), weights_only=True)
     assert summary['n'] == log['n'] == 1 and summary['runs'] == log['runs']
     assert not glob.glob(os.path.join(folder, '*.tmp'))
+    assert_shareable(os.path.join(folder, 'log.pt'), os.path.join(folder, 'summary.json'))
 
 
 def test_sigterm_ends_the_record_attempt_as_ctrl_c_does(tiny_recipe, tiny_data, tmp_path, capsys, monkeypatch):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import study
-from conftest import (RECIPES, ROOT, assert_one_line, failed_study, only_log, read_summary, run_main,
+from conftest import (RECIPES, ROOT, assert_one_line, assert_shareable, failed_study, only_log, read_summary, run_main,
                       signal_after_first_run, study_args)
 
 SEEDED = ('--seed', '7', '--set', 'opt.label_smoothing=0.1')
@@ -76,6 +76,7 @@ def test_study_log_contents(airbench94, two_runs):
     assert torch.equal(log['accs'], torch.tensor(accs, dtype=torch.float64))
     assert {key: log[key] for key in summary if key != 'hyp'} == {k: v for k, v in summary.items() if k != 'hyp'}
     assert not [name for name in os.listdir(folder) if name.endswith('.tmp')]
+    assert_shareable(os.path.join(folder, 'log.pt'), os.path.join(folder, 'summary.json'))
 
 
 def test_same_seed_same_study(airbench94, two_runs, tiny_data, tmp_path, capsys):
