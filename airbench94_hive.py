@@ -164,10 +164,10 @@ def build_cache(data_dir):
          'classes': CIFAR10_CLASSES}, file) for split, r in records.items()})
 
 def atomic_write(writers):
-    """{path: write(file)}: every file is written to a temporary beside it (this process's own), and all are renamed
-    into place only once all are complete, so an interruption or a full disk leaves the old files, never half a file
-    or a mix."""
-    temporaries = {path: f'{path}.{os.getpid()}.tmp' for path in writers}
+    """{path: write(file)}: every file is written to a temporary of its own beside it (a random name, which no other
+    process writes, on any host sharing the folder), and all are renamed into place only once all are complete, so an
+    interruption or a full disk leaves the old files, never half a file or a mix."""
+    temporaries = {path: f'{path}.{os.urandom(6).hex()}.tmp' for path in writers}
     try:
         for path, write in writers.items():
             with open(temporaries[path], 'wb') as file:  # the permissions of any new file: a cache can be shared

@@ -285,9 +285,10 @@ def format_summary(name, stats):
 #############################################
 
 def atomic_write(writers):
-    """{path: write(file)}: all files are written to temporaries first (this process's own) and renamed
-    into place only when every one is complete, so the set on disk is always one complete write."""
-    temporaries = {path: f'{path}.{os.getpid()}.tmp' for path in writers}
+    """{path: write(file)}: all files are written to temporaries of their own first (random names, which
+    no other process writes, on any host) and renamed into place only when every one is complete, so
+    the set on disk is always one complete write."""
+    temporaries = {path: f'{path}.{os.urandom(6).hex()}.tmp' for path in writers}
     try:
         for path, write in writers.items():
             with open(temporaries[path], 'wb') as file:  # the permissions of any new file, not mkstemp's 0600
