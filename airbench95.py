@@ -154,7 +154,7 @@ def atomic_write(writers):
     temporaries = {path: f'{path}.{os.urandom(6).hex()}.tmp' for path in writers}
     try:
         for path, write in writers.items():
-            with open(temporaries[path], 'wb') as file:  # the permissions of any new file: a cache can be shared
+            with open(temporaries[path], 'xb') as file:  # the permissions of any new file: a cache can be shared
                 write(file)
         for path, temporary in temporaries.items():
             os.replace(temporary, path)
