@@ -30,9 +30,8 @@ Usage
     Run this file for a record attempt; python study.py with its name runs studies; README.md: all else.
 """
 
-import argparse, contextlib, copy, datetime, hashlib, io, json, math, os, signal, sys, tarfile, time
+import argparse, collections, contextlib, copy, datetime, hashlib, io, json, math, os, signal, sys, tarfile, time
 import pathlib, statistics, urllib.request
-from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -64,7 +63,6 @@ hyp = {
     'aug': {
         'flip': True,               # alternating horizontal flip (paper, section 3.6)
         'translate': 2,             # pixels of random translation, reflect-padded
-        'cutout': 0,                # side of a square zeroed at random in each image; 0: none
     },
     'net': {
         'widths': {'block1': 64, 'block2': 256, 'block3': 256},  # output channels of each block
@@ -190,21 +188,13 @@ def batch_crop_flip(padded, size, flip):
     index = torch.arange(len(padded), device=padded.device).view(-1, 1, 1)
     return padded.permute(0, 2, 3, 1)[index, top + offsets.view(1, size, 1), cols].permute(0, 3, 1, 2)
 
-def batch_cutout(images, size):
-    """Cutout (DeVries and Taylor, 2017): zeroes (the mean color, once normalized) a random size x size square."""
-    top, left = random_corners(images, size)
-    rows, cols = (torch.arange(32, device=images.device).view(shape) for shape in ((1, -1, 1), (1, 1, -1)))
-    inside = (rows >= top) & (rows < top + size) & (cols >= left) & (cols < left + size)
-    return images.clone().masked_fill_(inside.unsqueeze(1), 0)  # clone keeps the memory layout
-
 class CifarLoader:
     """CIFAR-10 batches on one device, augmented a whole epoch at a time there. `images` (uint8, N x 32 x 32 x 3)
     and `labels` are plain attributes: replace them (say, with a masked subset) and the loader serves that data.
-    aug: {'flip': alternating flip on/off, 'translate': pixels of random reflect-padded translation,
-    'cutout': side of the square zeroed at a random place in each image, after translation and flip}."""
+    aug: {'flip': alternating flip on/off, 'translate': pixels of random reflect-padded translation}."""
     def __init__(self, data_dir=None, train=True, batch_size=500, aug=None, drop_last=None, shuffle=None, device=None):
-        if unknown := set(aug or {}) - {'flip', 'translate', 'cutout'}:
-            raise UserError(f'unknown augmentation {", ".join(sorted(unknown))}; known: flip, translate, cutout')
+        if unknown := set(aug or {}) - (known := {'flip', 'translate'}):
+            raise UserError(f'unknown augmentation {", ".join(sorted(unknown))}; known: {", ".join(sorted(known))}')
         self.data_dir = data_dir or default_data_dir()
         data = load_cifar10(self.data_dir, train)
         self.device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
@@ -240,8 +230,6 @@ class CifarLoader:
             # the epoch before, so every two consecutive epochs hold both mirror images of each.
             images = batch_crop_flip(images, 32, self.flip_parity ^ bool(self.epoch % 2) if flip
                                      else torch.zeros_like(self.flip_parity))
-        if self.aug.get('cutout', 0) > 0:
-            images = batch_cutout(images, self.aug['cutout'])
         self.epoch += 1
         order = (torch.randperm if self.shuffle else torch.arange)(len(images), device=self.device)
         for i in range(len(self)):
@@ -295,7 +283,7 @@ def make_net(hyp_net=None):
     hyp_net = hyp_net or hyp['net']
     widths, momentum = hyp_net['widths'], hyp_net['batchnorm_momentum']
     whiten_width = 2 * 3 * 2 * 2  # each of the 12 dimensions of a 2x2x3 patch, and its negation
-    net = nn.Sequential(OrderedDict(
+    net = nn.Sequential(collections.OrderedDict(
         whiten=nn.Conv2d(3, whiten_width, kernel_size=2, padding=0, bias=True),
         activ=nn.GELU(),
         block1=ConvBlock(whiten_width, widths['block1'], momentum),
@@ -332,10 +320,9 @@ def compiles(hyp_net, device):
     return torch.device(device).type == 'cuda' or hyp_net['compile_on_cpu']
 
 def compiled_net(hyp_net, device):
-    """(model, train_bias, freeze_bias): the network, freshly initialized, and its two compiled variants, compiled once
-    per process and architecture as each first runs. Later calls draw new weights exactly as make_net does and copy
-    them into the same tensors, so that the compiled code (and its CUDA graphs) keep working on them. Where nothing is
-    compiled, all three are the model."""
+    """(model, train_bias, freeze_bias): a fresh network and its two compiled variants, compiled once per process and
+    architecture; later calls copy fresh weights into the tensors that the compiled code and its CUDA graphs use.
+    Where nothing is compiled, all three are the model."""
     fresh = place_on(make_net(hyp_net), device)
     if not compiles(hyp_net, device):
         return fresh, fresh, fresh
@@ -527,8 +514,7 @@ def train(hyp=hyp, train_loader=None, test_loader=None, device=None, run=None, v
     if total_steps == 0:
         raise UserError(f'{len(train_loader.images)} training images make no full batch of '
                         f'{train_loader.batch_size}; lower opt.batch_size or add images')
-    if device.type == 'cuda':
-        torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark |= device.type == 'cuda'
     if verbose and run in (None, 0, 'warm-up'):
         print_row(COLUMNS, head=True)
 

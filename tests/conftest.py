@@ -36,7 +36,7 @@ RECIPES = {
             'opt.weight_decay': 0.0153, 'opt.bias_scaler': 64.0, 'opt.label_smoothing': 0.2,
             'opt.lr_knots': ((0.0, 0.2), (0.23, 1.0), (1.0, 0.07)), 'opt.whiten_bias_epochs': 3,
             'opt.lookahead_every': 5, 'opt.lookahead_decay': 0.95,
-            'aug.flip': True, 'aug.translate': 2, 'aug.cutout': 0,
+            'aug.flip': True, 'aug.translate': 2,
             'net.widths.block1': 64, 'net.widths.block2': 256, 'net.widths.block3': 256,
             'net.batchnorm_momentum': 0.6,
             'net.scaling_factor': 1 / 9, 'net.whiten_images': 5000, 'net.whiten_eps': 5e-4,

@@ -345,11 +345,13 @@ def test_too_few_images_for_a_batch(recipe, tiny_data):
 
 @pytest.mark.parametrize('device', ['cpu', pytest.param('cuda', marks=pytest.mark.gpu)])
 def test_half_precision_path(recipe, tiny_data, device, monkeypatch):
-    """The CUDA recipe's precision (fp16 channels-last, BatchNorm in fp32 but in hive). On the CPU, forced
-    through precision_for, so that its dtype handling is checked on machines without a GPU; fp16
-    is slow there, so a few steps on a few images."""
+    """The CUDA recipe's precision (fp16 channels-last, BatchNorm in fp32 but in hive) and
+    cudnn.benchmark (CUDA's only). The precision on the CPU is forced through precision_for, so that
+    its dtype handling is checked on machines without a GPU; fp16 is slow there, so a few steps on
+    a few images."""
     if device == 'cpu':
         monkeypatch.setattr(recipe, 'precision_for', lambda device: (torch.float16, torch.channels_last))
+    monkeypatch.setattr(torch.backends.cudnn, 'benchmark', False)
     hyp = tiny_hyp(recipe, opt__train_epochs=1)
     torch.manual_seed(0)
     train_loader, test_loader = tiny_loaders(recipe, tiny_data, hyp, device=device)
@@ -362,3 +364,4 @@ def test_half_precision_path(recipe, tiny_data, device, monkeypatch):
     norm_dtype = torch.float32 if RECIPES[recipe.__name__].get('batchnorm_in_fp32', True) else torch.float16
     assert all(m.bias.dtype == m.running_var.dtype == norm_dtype for m in batchnorms(model))
     assert result['steps'] == 3 and math.isfinite(result['train_loss']) and 0 <= result['tta_val_acc'] <= 1
+    assert torch.backends.cudnn.benchmark == (device == 'cuda')  # every step has the same shapes: autotune them

@@ -119,7 +119,7 @@ OWN = {
         ('residual sum left out', 'return self.activ(x + self.norm3(self.conv3(y)))',
          'return self.activ(self.norm3(self.conv3(y)))'),
         ('cutout square one pixel too tall', '(rows >= top) & (rows < top + size)', '(rows >= top) & (rows <= top + size)'),
-        ('cutout never applied', "if self.aug.get('cutout', 0) > 0:", 'if False:'),
+        ('cutout never applied', "images = batch_cutout(images, self.aug.get('cutout', 0))", 'pass'),
     ],
     'airbench96_faster': [
         ('the filter keeps the easiest examples', 'hardest = losses.detach().topk(keep, sorted=False).indices',
