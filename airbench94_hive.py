@@ -11,7 +11,6 @@ Changes relative to airbench94_muon
     - SiLU in the blocks; whitening from 960 images; its bias from PyTorch's default init, trained for 7 steps.
     - Brightness and contrast jitter; TTA (six views, 1/6 each) for the least sure quarter of the test images.
     - One timed span without per-epoch evaluation; forward and loss compiled as one; a warm-up on random images.
-    - Compiled on the GPU only (Newton-Schulz too); the CPU runs eagerly unless net.compile_on_cpu is set.
 
 What is timed (paper, section 2)
     From the first touch of training data (whitening included) until test-set predictions with TTA exist, in one
@@ -24,8 +23,7 @@ Lineage
 Method (paper, sections 3.1-3.6; the numbers are in `hyp`)
     - VGG-like network: a frozen 2x2 patch-whitening convolution, then three blocks of 3x3 convolutions that start
       as identity (dirac) maps; BatchNorm scales frozen at 1.
-    - Muon (Jordan et al., 2024) for the conv filters, Nesterov SGD for the biases and the head,
-      on a summed loss with label smoothing; learning rates decay linearly to 0.
+    - Muon (Jordan et al., 2024) for conv filters, Nesterov SGD for the rest, on a summed loss with label smoothing.
     - Alternating flip and reflect-padded translation, on the GPU; 6-view test-time augmentation.
 
 Usage
@@ -43,10 +41,9 @@ from torch import nn
 #              Hyperparameters              #
 #############################################
 
-# Muon's step length does not depend on the gradient's size, only its direction does. SGD's
-# learning rates are PyTorch's, on the loss summed over the batch; its weight decay is per example
-# and decoupled: each step's shrinkage, weight_decay * batch_size times the schedule's multiplier
-# (and lengthened by momentum, as every step is), does not depend on the learning rate.
+# Muon's step length depends on the gradient's direction, not its size. SGD's learning rates are PyTorch's, on the
+# loss summed over the batch; its weight decay is per example and decoupled: each step's shrinkage (weight_decay *
+# batch_size times the schedule's multiplier, lengthened by momentum as every step is) does not depend on the rate.
 hyp = {
     'opt': {
         'train_epochs': 7.59,       # passes over the training set; the last one stops part-way
@@ -58,7 +55,7 @@ hyp = {
         'momentum': 0.825,          # Nesterov momentum of SGD
         'bias_lr': 0.0573,          # SGD's learning rate for the whitening and BatchNorm biases
         'head_lr': 0.5415,          # SGD's learning rate for the linear head
-        'weight_decay': 1.0418e-6,  # SGD's (L2) and Muon's decay per example, whatever the rate (see above)
+        'weight_decay': 1.0418e-6,  # per example: SGD's (L2) whatever its rate (see above); Muon's times its rate
         'label_smoothing': 0.09,    # share of each target spread evenly over the 10 classes
         'lr_knots': ((0.0, 1.0), (1.0, 0.0)),  # (fraction of steps, lr multiplier), for all rates
         'whiten_bias_epochs': 0.19,  # epochs the whitening bias trains, rounded up to whole steps (7)
@@ -147,8 +144,7 @@ def build_cache(data_dir):
                             f'and put it in {os.path.abspath(data_dir)}/') from None
     raw = pathlib.Path(tarball).read_bytes()
     if hashlib.md5(raw).hexdigest() != CIFAR10_MD5:
-        with contextlib.suppress(FileNotFoundError):  # another process may have removed it first
-            os.remove(tarball)
+        pathlib.Path(tarball).unlink(missing_ok=True)  # another process may have removed it first
         raise UserError(f'{tarball} has md5 {hashlib.md5(raw).hexdigest()}, not {CIFAR10_MD5}: it is '
                         f'damaged or not CIFAR-10, so it was removed; run again to download it afresh')
     members = {'train': [f'data_batch_{i}.bin' for i in range(1, 6)], 'test': ['test_batch.bin']}
@@ -174,8 +170,7 @@ def atomic_write(writers):
             os.replace(temporary, path)
     finally:
         for temporary in temporaries.values():
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(temporary)
+            pathlib.Path(temporary).unlink(missing_ok=True)  # renamed, or never created
 
 def first_line(exc):
     text = str(exc).strip().splitlines()
@@ -214,21 +209,17 @@ class CifarLoader:
         self.classes, self.aug, self.batch_size, self.epoch = data['classes'], dict(aug or {}), batch_size, 0
         self.drop_last, self.shuffle = (train if given is None else given for given in (drop_last, shuffle))
         self.prepared_for = None  # what self.source, the normalized and padded images, was made from
-
     def __len__(self):
         return len(self.images) // self.batch_size if self.drop_last else math.ceil(len(self.images) / self.batch_size)
-
     def normalize(self, images):
         """uint8 N x H x W x C -> standardized N x C x H x W, in the device's precision from the start (fp16: half the
         bytes of a detour through fp32). The permuted N x H x W x C is already channels-last: no copy on the GPU."""
         dtype, memory_format = precision_for(self.device)
         mean, std = (torch.tensor(s, dtype=dtype, device=images.device) * 255 for s in (CIFAR10_MEAN, CIFAR10_STD))
         return ((images.to(dtype) - mean) / std).permute(0, 3, 1, 2).contiguous(memory_format=memory_format)
-
     def __iter__(self):
         if len(self.images) != len(self.labels):
-            raise UserError(f'the loader holds {len(self.images)} images but {len(self.labels)} labels; '
-                            f'mask both with the same mask')
+            raise UserError(f'the loader has {len(self.images)} images, {len(self.labels)} labels; use the same mask')
         pad, flip = self.aug.get('translate', 0), self.aug.get('flip', False)
         if self.prepared_for != (id(self.images), pad):
             # Normalized and padded once per dataset, not per epoch; the flip parity drawn here sets epoch 1's flips.
@@ -238,15 +229,13 @@ class CifarLoader:
             self.prepared_for = (id(self.images), pad)
         images = self.source
         if pad > 0 or flip:
-            # Alternating flip: random in the first epoch, then each image the other way than in
-            # the epoch before, so every two consecutive epochs hold both mirror images of each.
+            # Alternating flip: random at first, then each the other way, so any two epochs in a row show both mirrors.
             images = batch_crop_flip(images, 32, self.flip_parity ^ bool(self.epoch % 2) if flip
                                      else torch.zeros_like(self.flip_parity))
         images = batch_jitter(images, self.aug.get('brightness', 0), self.aug.get('contrast', 0))  # 0, 0: none
         self.epoch += 1
         order = (torch.randperm if self.shuffle else torch.arange)(len(images), device=self.device)
-        for i in range(len(self)):
-            batch = order[i * self.batch_size:(i + 1) * self.batch_size]
+        for batch in order.split(self.batch_size)[:len(self)]:  # [:len(self)]: drop_last drops the short batch
             yield images[batch], self.labels[batch]
 
 #############################################
@@ -264,8 +253,7 @@ def make_conv(channels_in, channels_out):
     """A 3x3 convolution without bias whose first channels_in filters start as the identity map
     (paper, section 3.3): each block starts by passing its input through, easing early training."""
     conv = nn.Conv2d(channels_in, channels_out, kernel_size=3, padding='same', bias=False)
-    with torch.no_grad():
-        nn.init.dirac_(conv.weight[:channels_in])
+    nn.init.dirac_(conv.weight[:channels_in])  # dirac_ runs under no_grad itself
     return conv
 
 class ConvBlock(nn.Module):
@@ -319,63 +307,50 @@ def place_on(model, device):
     model = model.to(device=device, dtype=dtype, memory_format=memory_format)
     return model
 
-# (architecture, device, precision) -> (network, its forward, forward_loss), and
-# ('newton_schulz', backend, device) -> the compiled function.
-COMPILED = {}
+COMPILED = {}  # (architecture, device, precision) -> (network, its forward, forward_loss, newton_schulz)
 
 def compiles(hyp_net, device):
-    """Whether the network and the Newton-Schulz function are compiled: always on CUDA, on the
-    CPU only when net.compile_on_cpu asks for it."""
+    """Whether the network and Newton-Schulz are compiled: always on CUDA, on the CPU if net.compile_on_cpu asks."""
     return torch.device(device).type == 'cuda' or hyp_net['compile_on_cpu']
 
 def compiled_net(hyp_net, device):
-    """(model, forward, loss_function): a fresh network, its forward and forward_loss, compiled once per process and
-    architecture; later calls copy fresh weights into the tensors that the compiled code and its CUDA graphs use.
-    Where nothing is compiled: the model, the model and forward_loss."""
+    """(model, forward, loss_function, orthogonalize): a fresh network, its forward, forward_loss and newton_schulz,
+    compiled once per process and architecture; later calls copy fresh weights into the tensors that the compiled code
+    and its CUDA graphs use. Newton-Schulz compiles in inductor's default mode: CUDA graphs would gain little on a
+    function called once a step. Where nothing is compiled: the model twice, forward_loss and newton_schulz."""
     fresh = place_on(make_net(hyp_net), device)
     if not compiles(hyp_net, device):
-        return fresh, fresh, forward_loss
+        return fresh, fresh, forward_loss, newton_schulz
     key = (json.dumps(hyp_net, sort_keys=True), str(device), str(precision_for(device)))
     if key not in COMPILED:
         backend, mode = hyp_net['compile_backend'], hyp_net['compile_mode']
         options = dict(backend=backend, mode=mode if backend == 'inductor' else None,  # others have none
                        dynamic=False)  # the training and evaluation batch sizes get kernels of their own
         torch._dynamo.config.recompile_limit += 8  # all networks' graphs share nn.Sequential's code
-        COMPILED[key] = (fresh, torch.compile(fresh, **options), torch.compile(forward_loss, fullgraph=True, **options))
-    model, forward, loss_function = COMPILED[key]
+        COMPILED[key] = (fresh, torch.compile(fresh, **options), torch.compile(forward_loss, fullgraph=True, **options),
+                         torch.compile(newton_schulz, backend=backend, dynamic=False, fullgraph=True))
+    model, forward, loss_function, orthogonalize = COMPILED[key]
     model.load_state_dict(fresh.state_dict())
     for param, fresh_param in zip(model.parameters(), fresh.parameters()):
         param.requires_grad = fresh_param.requires_grad
-    return model, forward, loss_function
+    return model, forward, loss_function, orthogonalize
 
 def forward_loss(model, inputs, labels, loss_fn):
     """The logits and their summed loss, compiled as one; dynamo specializes it to whether the whitening bias trains."""
     outputs = model(inputs)
     return outputs, loss_fn(outputs, labels).sum()
 
-def compiled_newton_schulz(hyp_net, device):
-    """newton_schulz, compiled once per process and device where the network is. In inductor's
-    default mode: CUDA graphs would gain little on a function called a few times a step."""
-    if not compiles(hyp_net, device):
-        return newton_schulz
-    key = ('newton_schulz', hyp_net['compile_backend'], str(device))
-    if key not in COMPILED:
-        COMPILED[key] = torch.compile(newton_schulz, backend=hyp_net['compile_backend'], dynamic=False, fullgraph=True)
-    return COMPILED[key]
-
 #############################################
 #              Initialization               #
 #############################################
 
 def init_whitening_conv(conv, images, eps=5e-4):
-    """Sets conv's filters so that its first half of outputs are the whitened patches of `images`
-    (normalized, N x C x H x W): filter i is the i-th eigenvector of the patches' covariance divided
-    by sqrt(eigenvalue + eps), so each output has variance about 1 and the outputs are uncorrelated.
-    The second half are the negated filters, so the GELU that follows loses no information."""
+    """Sets conv's filters so that its first half of outputs are the whitened patches of `images` (normalized,
+    N x C x H x W): filter i is the i-th eigenvector of the patches' covariance over sqrt(eigenvalue + eps), so the
+    outputs have variance about 1 and are uncorrelated. The second half are negated: the GELU after loses nothing."""
     patches = F.unfold(images.float(), conv.kernel_size).transpose(1, 2).flatten(0, 1)  # rows: C x kh x kw
     # Normalized images have about zero mean, so the second moment serves as the covariance.
-    covariance = patches.T @ patches / len(patches)
-    eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
+    eigenvalues, eigenvectors = torch.linalg.eigh(patches.T @ patches / len(patches))
     filters = (eigenvectors / torch.sqrt(eigenvalues + eps)).T.flip(0)  # largest variance first
     with torch.no_grad():
         conv.weight.copy_(torch.cat([filters, -filters]).view_as(conv.weight))
@@ -386,10 +361,9 @@ def init_whitening_conv(conv, images, eps=5e-4):
 
 def newton_schulz(matrices, steps):
     """Approximately orthogonal matrices with the singular vectors of `matrices` (B x rows x cols), in float16.
-    Scaled to unit Frobenius norm, every singular value s lies in [0, 1]; each step X <- aX + (bA +
-    cA^2)X with A = XX^T maps each s to a*s + b*s^3 + c*s^5. The coefficients trade exactness for
-    speed: 3 steps bring every value above about 0.02 to between about 0.75 and 1.35, not to 1, and
-    leave smaller ones (directions the gradient hardly has) smaller."""
+    Scaled to unit Frobenius norm, every singular value s lies in [0, 1]; a step X <- aX + (bA + cA^2)X with A = XX^T
+    maps each s to a*s + b*s^3 + c*s^5; the coefficients trade exactness for speed: 3 steps bring every value above
+    about 0.02 to about 0.75-1.35, not to 1, and leave smaller ones (directions the gradient hardly has) smaller."""
     a, b, c = 3.4576, -4.7391, 2.0843
     x = matrices.half()
     x = x / (x.norm(dim=(1, 2), keepdim=True) + 1e-5)
@@ -430,7 +404,8 @@ class Muon(torch.optim.Optimizer):
                 direction = weight.grad.add(buffer, alpha=group['momentum'])
                 if renorm:
                     weight.mul_(math.sqrt(len(weight)) / (weight.norm() + 1e-7))
-                weights.append(weight), directions.append(direction.reshape(len(weight), -1))
+                weights.append(weight)
+                directions.append(direction.reshape(len(weight), -1))
             rows, cols = max(len(d) for d in directions), 16 * math.ceil(max(d.shape[1] for d in directions) / 16)
             stack = torch.stack([F.pad(d, (0, cols - d.shape[1], 0, rows - len(d))) for d in directions])
             for weight, update in zip(weights, self.orthogonalize(stack, group['newton_schulz_steps'])):
@@ -439,24 +414,20 @@ class Muon(torch.optim.Optimizer):
                 weight.mul_(1 - group['lr'] * group['weight_decay'])
 
 def make_optimizers(model, hyp_opt, total_steps, orthogonalize=newton_schulz):
-    """(sgd, muon). Muon trains the conv filters (4-D weights). Nesterov SGD trains the rest in three groups (the
-    whitening bias, the BatchNorm biases, the head) with decoupled weight decay: PyTorch multiplies the decay by the
-    learning rate, so it is passed divided by it."""
+    """(sgd, muon): Muon for the conv filters (4-D weights), Nesterov SGD for the rest in three groups (the whitening
+    bias, the BatchNorm biases, the head), its decay decoupled: passed divided by the rate PyTorch multiplies it by."""
     decay = hyp_opt['weight_decay'] * hyp_opt['batch_size']
     norm_biases = [module.bias for module in model.modules() if isinstance(module, nn.BatchNorm2d)]
     filters = [p for p in model.parameters() if p.dim() == 4 and p.requires_grad]
-    groups = [dict(params=[model.whiten.bias], lr=hyp_opt['bias_lr']),
-              dict(params=norm_biases, lr=hyp_opt['bias_lr']),
-              dict(params=[model.head.weight], lr=hyp_opt['head_lr'])]
-    for group in groups:
-        group['weight_decay'] = decay / group['lr']
+    groups = [dict(params=[model.whiten.bias], lr=hyp_opt['bias_lr'], weight_decay=decay / hyp_opt['bias_lr']),
+              dict(params=norm_biases, lr=hyp_opt['bias_lr'], weight_decay=decay / hyp_opt['bias_lr']),
+              dict(params=[model.head.weight], lr=hyp_opt['head_lr'], weight_decay=decay / hyp_opt['head_lr'])]
     muon = Muon(filters, hyp_opt['muon_lr'], hyp_opt['muon_momentum'], hyp_opt['newton_schulz_steps'], decay,
                 hyp_opt['renorm_intervals'], total_steps, orthogonalize)
     return torch.optim.SGD(groups, momentum=hyp_opt['momentum'], nesterov=True, fused=True), muon  # as the record
 
 def lr_multiplier(progress, knots):
-    """The schedule's learning-rate multiplier at `progress` (0 to 1 through the steps): linear
-    between the knots, (fraction of steps, multiplier) pairs from 0 to 1."""
+    """The learning-rate multiplier at `progress` (0 to 1): linear between knots, (fraction of steps, multiplier)."""
     for (x0, y0), (x1, y1) in zip(knots, knots[1:]):
         if progress <= x1:
             return y0 + (y1 - y0) * (progress - x0) / (x1 - x0)
@@ -548,15 +519,14 @@ def train(hyp=hyp, train_loader=None, test_loader=None, device=None, run=None, v
     if verbose and run in (None, 0, 'warm-up'):
         print_row(COLUMNS, head=True)
 
-    model, forward, loss_function = compiled_net(hyp['net'], device)
-    sgd, muon = make_optimizers(model, opt, total_steps, compiled_newton_schulz(hyp['net'], device))
+    model, forward, loss_function, orthogonalize = compiled_net(hyp['net'], device)
+    sgd, muon = make_optimizers(model, opt, total_steps, orthogonalize)
     whiten_bias_steps = max(math.ceil(len(train_loader) * opt['whiten_bias_epochs']), 1)
 
     def over(steps):  # the schedule's multiplier over the first `steps` steps, then its last value
         return lambda step: lr_multiplier(min(step / steps, 1.0), opt['lr_knots'])
     # One multiplier per SGD group: the whitening bias (over its epochs, then it is frozen), BatchNorm biases, head.
-    sgd_schedule = [over(whiten_bias_steps), over(total_steps), over(total_steps)]
-    schedulers = [torch.optim.lr_scheduler.LambdaLR(sgd, sgd_schedule),
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(sgd, [over(whiten_bias_steps)] + 2 * [over(total_steps)]),
                   torch.optim.lr_scheduler.LambdaLR(muon, over(total_steps))]
     loss_fn = nn.CrossEntropyLoss(label_smoothing=opt['label_smoothing'], reduction='none')
     clock = Clock(device)
@@ -582,8 +552,7 @@ def train(hyp=hyp, train_loader=None, test_loader=None, device=None, run=None, v
         tta_val_acc = evaluate(forward, test_loader, hyp['net']['tta_level'], hyp['net']['tta_share'])
     train_loss, train_acc = last[0].item() / len(labels), last[1].item()
     if not math.isfinite(train_loss):
-        raise UserError(f'training diverged (loss {train_loss} at the end); lower learning rates (opt.muon_lr, '
-                        f'opt.bias_lr, opt.head_lr) may help')
+        raise UserError(f'training diverged (final loss {train_loss}); lower opt.muon_lr, opt.bias_lr or opt.head_lr')
     val_acc = evaluate(forward, test_loader, tta_level=0)
     if verbose:
         print_row([run, 'eval', train_loss, train_acc, val_acc, tta_val_acc, clock.seconds], rule=True)
@@ -593,13 +562,13 @@ def train(hyp=hyp, train_loader=None, test_loader=None, device=None, run=None, v
 
 def warmup(hyp=hyp, train_loader=None, device=None, verbose=True):
     """The untimed warm-up before timed runs (paper, section 2), where the network is compiled: one training on random
-    labels (which replace train_loader's), just long enough to compile both variants. Returns whether it trained."""
+    data (which replaces train_loader's), just long enough to compile both variants. Returns whether it trained."""
     if not compiles(hyp['net'], device or train_loader.device):
         return False
     started, epochs = time.perf_counter(), min(hyp['opt']['train_epochs'], hyp['opt']['whiten_bias_epochs'] + 1)
     hyp = {**hyp, 'opt': {**hyp['opt'], 'train_epochs': epochs}}
     if verbose:
-        print('warm-up run on random labels, not part of the study')
+        print('warm-up run on random data, not part of the study')
     train_loader.labels = torch.randint_like(train_loader.labels, len(CIFAR10_CLASSES))
     train_loader.images = torch.randint_like(train_loader.images, 256)  # random images too, as the published run
     train(hyp, train_loader, None, device, 'warm-up', verbose)

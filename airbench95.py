@@ -131,8 +131,7 @@ def build_cache(data_dir):
                             f'and put it in {os.path.abspath(data_dir)}/') from None
     raw = pathlib.Path(tarball).read_bytes()
     if hashlib.md5(raw).hexdigest() != CIFAR10_MD5:
-        with contextlib.suppress(FileNotFoundError):  # another process may have removed it first
-            os.remove(tarball)
+        pathlib.Path(tarball).unlink(missing_ok=True)  # another process may have removed it first
         raise UserError(f'{tarball} has md5 {hashlib.md5(raw).hexdigest()}, not {CIFAR10_MD5}: it is '
                         f'damaged or not CIFAR-10, so it was removed; run again to download it afresh')
     members = {'train': [f'data_batch_{i}.bin' for i in range(1, 6)], 'test': ['test_batch.bin']}
@@ -158,8 +157,7 @@ def atomic_write(writers):
             os.replace(temporary, path)
     finally:
         for temporary in temporaries.values():
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(temporary)
+            pathlib.Path(temporary).unlink(missing_ok=True)  # renamed, or never created
 
 def first_line(exc):
     text = str(exc).strip().splitlines()
@@ -192,21 +190,17 @@ class CifarLoader:
         self.classes, self.aug, self.batch_size, self.epoch = data['classes'], dict(aug or {}), batch_size, 0
         self.drop_last, self.shuffle = (train if given is None else given for given in (drop_last, shuffle))
         self.prepared_for = None  # what self.source, the normalized and padded images, was made from
-
     def __len__(self):
         return len(self.images) // self.batch_size if self.drop_last else math.ceil(len(self.images) / self.batch_size)
-
     def normalize(self, images):
         """uint8 N x H x W x C -> standardized N x C x H x W, in the device's precision from the start (fp16: half the
         bytes of a detour through fp32). The permuted N x H x W x C is already channels-last: no copy on the GPU."""
         dtype, memory_format = precision_for(self.device)
         mean, std = (torch.tensor(s, dtype=dtype, device=images.device) * 255 for s in (CIFAR10_MEAN, CIFAR10_STD))
         return ((images.to(dtype) - mean) / std).permute(0, 3, 1, 2).contiguous(memory_format=memory_format)
-
     def __iter__(self):
         if len(self.images) != len(self.labels):
-            raise UserError(f'the loader holds {len(self.images)} images but {len(self.labels)} labels; '
-                            f'mask both with the same mask')
+            raise UserError(f'the loader has {len(self.images)} images, {len(self.labels)} labels; use the same mask')
         pad, flip = self.aug.get('translate', 0), self.aug.get('flip', False)
         if self.prepared_for != (id(self.images), pad):
             # Normalized and padded once per dataset, not per epoch; the flip parity drawn here sets epoch 1's flips.
@@ -216,14 +210,12 @@ class CifarLoader:
             self.prepared_for = (id(self.images), pad)
         images = self.source
         if pad > 0 or flip:
-            # Alternating flip: random in the first epoch, then each image the other way than in
-            # the epoch before, so every two consecutive epochs hold both mirror images of each.
+            # Alternating flip: random at first, then each the other way, so any two epochs in a row show both mirrors.
             images = batch_crop_flip(images, 32, self.flip_parity ^ bool(self.epoch % 2) if flip
                                      else torch.zeros_like(self.flip_parity))
         self.epoch += 1
         order = (torch.randperm if self.shuffle else torch.arange)(len(images), device=self.device)
-        for i in range(len(self)):
-            batch = order[i * self.batch_size:(i + 1) * self.batch_size]
+        for batch in order.split(self.batch_size)[:len(self)]:  # [:len(self)]: drop_last drops the short batch
             yield images[batch], self.labels[batch]
 
 #############################################
@@ -241,8 +233,7 @@ def make_conv(channels_in, channels_out):
     """A 3x3 convolution without bias whose first channels_in filters start as the identity map
     (paper, section 3.3): each block starts by passing its input through, easing early training."""
     conv = nn.Conv2d(channels_in, channels_out, kernel_size=3, padding='same', bias=False)
-    with torch.no_grad():
-        nn.init.dirac_(conv.weight[:channels_in])
+    nn.init.dirac_(conv.weight[:channels_in])  # dirac_ runs under no_grad itself
     return conv
 
 class ConvBlock(nn.Module):
@@ -303,14 +294,12 @@ def place_on(model, device):
 #############################################
 
 def init_whitening_conv(conv, images, eps=5e-4):
-    """Sets conv's filters so that its first half of outputs are the whitened patches of `images`
-    (normalized, N x C x H x W): filter i is the i-th eigenvector of the patches' covariance divided
-    by sqrt(eigenvalue + eps), so each output has variance about 1 and the outputs are uncorrelated.
-    The second half are the negated filters, so the GELU that follows loses no information."""
+    """Sets conv's filters so that its first half of outputs are the whitened patches of `images` (normalized,
+    N x C x H x W): filter i is the i-th eigenvector of the patches' covariance over sqrt(eigenvalue + eps), so the
+    outputs have variance about 1 and are uncorrelated. The second half are negated: the GELU after loses nothing."""
     patches = F.unfold(images.float(), conv.kernel_size).transpose(1, 2).flatten(0, 1)  # rows: C x kh x kw
     # Normalized images have about zero mean, so the second moment serves as the covariance.
-    covariance = patches.T @ patches / len(patches)
-    eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
+    eigenvalues, eigenvectors = torch.linalg.eigh(patches.T @ patches / len(patches))
     filters = (eigenvectors / torch.sqrt(eigenvalues + eps)).T.flip(0)  # largest variance first
     with torch.no_grad():
         conv.weight.copy_(torch.cat([filters, -filters]).view_as(conv.weight))
@@ -344,8 +333,7 @@ def make_optimizer(model, hyp_opt):
     return torch.optim.SGD(groups, momentum=hyp_opt['momentum'], nesterov=True)
 
 def lr_multiplier(progress, knots):
-    """The schedule's learning-rate multiplier at `progress` (0 to 1 through the steps): linear
-    between the knots, (fraction of steps, multiplier) pairs from 0 to 1."""
+    """The learning-rate multiplier at `progress` (0 to 1): linear between knots, (fraction of steps, multiplier)."""
     for (x0, y0), (x1, y1) in zip(knots, knots[1:]):
         if progress <= x1:
             return y0 + (y1 - y0) * (progress - x0) / (x1 - x0)
@@ -356,9 +344,8 @@ def lr_multiplier(progress, knots):
 #############################################
 
 def predict(model, inputs, tta_level):
-    """Logits averaged over test-time views (paper, section 3.5). Level 1: the image and its mirror.
-    Level 2: also both views translated one pixel up-left and one down-right; the two untranslated
-    views weigh 0.25 each, the four translated ones 0.125 each.
+    """Logits averaged over test-time views (paper, section 3.5). Level 1: the image and its mirror. Level 2: also
+    both translated one pixel up-left and one down-right; untranslated views weigh 0.25 each, translated 0.125 each.
     Crops and CUDA's padding lose the network's memory layout (channels-last on CUDA): the crops get it back."""
     if tta_level == 0:
         return model(inputs)
@@ -371,8 +358,7 @@ def predict(model, inputs, tta_level):
     return 0.5 * mirrored + 0.5 * translated
 
 def infer(model, loader, tta_level=0):
-    """Logits (fp32, N x 10) for every image in loader.images, in order: the loader's shuffling and
-    augmentation are not used, so this works on a training loader too."""
+    """Logits (fp32, N x 10) of all loader.images, in order, unshuffled and unaugmented: a training loader works too."""
     if tta_level not in (0, 1, 2):
         raise UserError(f'tta_level must be 0, 1 or 2, not {tta_level!r}')
     was_training = model.training

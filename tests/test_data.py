@@ -122,12 +122,12 @@ def test_two_processes_over_a_damaged_tarball(recipe, tmp_path, monkeypatch):
     line, not a FileNotFoundError traceback."""
     tarball = tmp_path / 'cifar-10-binary.tar.gz'
     tarball.write_bytes(b'not the dataset')
-    real_remove = os.remove
+    real_unlink = os.unlink
 
     def removed_by_the_other_process_first(path):
-        real_remove(path)
-        real_remove(path)
-    monkeypatch.setattr(recipe.os, 'remove', removed_by_the_other_process_first)
+        real_unlink(path)
+        real_unlink(path)
+    monkeypatch.setattr(os, 'unlink', removed_by_the_other_process_first)  # what pathlib's unlink calls
     with pytest.raises(recipe.UserError, match='it was removed; run again'):
         recipe.load_cifar10(str(tmp_path))
     assert not tarball.exists()
