@@ -419,9 +419,11 @@ def make_optimizers(model, hyp_opt, total_steps, orthogonalize=newton_schulz):
     decay = hyp_opt['weight_decay'] * hyp_opt['batch_size']
     norm_biases = [module.bias for module in model.modules() if isinstance(module, nn.BatchNorm2d)]
     filters = [p for p in model.parameters() if p.dim() == 4 and p.requires_grad]
-    groups = [dict(params=[model.whiten.bias], lr=hyp_opt['bias_lr'], weight_decay=decay / hyp_opt['bias_lr']),
-              dict(params=norm_biases, lr=hyp_opt['bias_lr'], weight_decay=decay / hyp_opt['bias_lr']),
-              dict(params=[model.head.weight], lr=hyp_opt['head_lr'], weight_decay=decay / hyp_opt['head_lr'])]
+    groups = [dict(params=[model.whiten.bias], lr=hyp_opt['bias_lr']),
+              dict(params=norm_biases, lr=hyp_opt['bias_lr']),
+              dict(params=[model.head.weight], lr=hyp_opt['head_lr'])]
+    for group in groups:
+        group['weight_decay'] = decay / group['lr']
     muon = Muon(filters, hyp_opt['muon_lr'], hyp_opt['muon_momentum'], hyp_opt['newton_schulz_steps'], decay,
                 hyp_opt['renorm_intervals'], total_steps, orthogonalize)
     return torch.optim.SGD(groups, momentum=hyp_opt['momentum'], nesterov=True, fused=True), muon  # as the record
