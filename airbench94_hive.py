@@ -6,7 +6,7 @@ Published
 
 Changes relative to airbench94_muon
     - Batch 1536, 7.59 epochs (243 steps); rates, momenta, decay and label smoothing re-tuned; BatchNorm in fp16.
-    - Muon decays its filters as SGD its tensors, and rescales them on 37 of 243 steps (intervals growing 2 to 16).
+    - Muon shrinks its filters by lr * decay a step, and rescales them on 37 of 243 steps (intervals growing 2 to 16).
     - Newton-Schulz for all six filters at once (zero-padded to one shape), in fp16, with new coefficients.
     - SiLU in the blocks; whitening from 960 images; its bias from PyTorch's default init, trained for 7 steps.
     - Brightness and contrast jitter; TTA (six views, 1/6 each) for the least sure quarter of the test images.
@@ -14,7 +14,7 @@ Changes relative to airbench94_muon
 
 What is timed (paper, section 2)
     From the first touch of training data (whitening included) until test-set predictions with TTA exist, in one
-    span with nothing else inside; not the warm-up run on random data that comes first where the network is compiled.
+    span with no per-epoch evaluation; not the warm-up run on random data that comes first where the network compiles.
 
 Lineage
     Page (2019), "How to train your ResNet" -> tysam-code, hlb-CIFAR10 (2023) -> airbench (2024).
@@ -51,7 +51,7 @@ hyp = {
         'muon_lr': 0.205,           # size of each filter update relative to the filter's (see Muon)
         'muon_momentum': 0.655,     # Nesterov momentum of Muon
         'newton_schulz_steps': 3,   # iterations that orthogonalize Muon's update
-        'renorm_intervals': (2, 17),  # steps between filter rescalings: from the first to the last, growing
+        'renorm_intervals': (2, 17),  # steps between filter rescalings: 2 at first, growing toward 17 (see Muon)
         'momentum': 0.825,          # Nesterov momentum of SGD
         'bias_lr': 0.0573,          # SGD's learning rate for the whitening and BatchNorm biases
         'head_lr': 0.5415,          # SGD's learning rate for the linear head
@@ -198,7 +198,7 @@ class CifarLoader:
     """CIFAR-10 batches on one device, augmented a whole epoch at a time there. `images` (uint8, N x 32 x 32 x 3)
     and `labels` are plain attributes: replace them (say, with a masked subset) and the loader serves that data.
     aug: {'flip': alternating flip on/off, 'translate': pixels of random reflect-padded translation, 'brightness' and
-    'contrast': the ranges of batch_jitter, after translation and flip}."""
+    'contrast': the ranges of batch_jitter, after translation and flip}. Eager (the published run compiles them)."""
     def __init__(self, data_dir=None, train=True, batch_size=500, aug=None, drop_last=None, shuffle=None, device=None):
         if unknown := set(aug or {}) - (known := {'flip', 'translate', 'brightness', 'contrast'}):
             raise UserError(f'unknown augmentation {", ".join(sorted(unknown))}; known: {", ".join(sorted(known))}')
@@ -533,7 +533,7 @@ def train(hyp=hyp, train_loader=None, test_loader=None, device=None, run=None, v
     loss_fn = nn.CrossEntropyLoss(label_smoothing=opt['label_smoothing'], reduction='none')
     clock = Clock(device)
 
-    with clock:  # one span, nothing else inside, from the first touch of training data to predictions with TTA
+    with clock:  # one span, no per-epoch evaluation, from the first touch of training data to predictions with TTA
         first_images = train_loader.normalize(train_loader.images[:hyp['net']['whiten_images']])
         init_whitening_conv(model.whiten, first_images, hyp['net']['whiten_eps'])
         step = 0
@@ -572,7 +572,7 @@ def warmup(hyp=hyp, train_loader=None, device=None, verbose=True):
     if verbose:
         print('warm-up run on random data, not part of the study')
     train_loader.labels = torch.randint_like(train_loader.labels, len(CIFAR10_CLASSES))
-    train_loader.images = torch.randint_like(train_loader.images, 256)  # random images too, as the published run
+    train_loader.images = torch.randint_like(train_loader.images, 256)  # random images too (published: N(0,1) noise)
     train(hyp, train_loader, None, device, 'warm-up', verbose)
     if verbose:
         print(f'compiled in {time.perf_counter() - started:.1f} s (warm-up run included)')
