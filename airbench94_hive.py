@@ -198,7 +198,7 @@ class CifarLoader:
     """CIFAR-10 batches on one device, augmented a whole epoch at a time there. `images` (uint8, N x 32 x 32 x 3)
     and `labels` are plain attributes: replace them (say, with a masked subset) and the loader serves that data.
     aug: {'flip': alternating flip on/off, 'translate': pixels of random reflect-padded translation, 'brightness' and
-    'contrast': the ranges of batch_jitter, after translation and flip}. Eager (the published run compiles them)."""
+    'contrast': the ranges of batch_jitter, after translation and flip}. All eager; the published run compiles them."""
     def __init__(self, data_dir=None, train=True, batch_size=500, aug=None, drop_last=None, shuffle=None, device=None):
         if unknown := set(aug or {}) - (known := {'flip', 'translate', 'brightness', 'contrast'}):
             raise UserError(f'unknown augmentation {", ".join(sorted(unknown))}; known: {", ".join(sorted(known))}')
