@@ -130,8 +130,10 @@ def read_study(path):
         raise UserError(f'{file}: its runs are damaged (each needs tta_val_acc and time_seconds)')
     accuracies = [run['tta_val_acc'] for run in runs]
     data = summary.get('data') if isinstance(summary.get('data'), dict) else {}
-    return {'path': file, 'script': summary.get('script', '?'), 'status': summary.get('status', '?'),
-            'device': summary.get('device_name', summary.get('device', '?')), 'accuracies': accuracies,
+    def cell(*keys):  # the first of these entries that the summary holds, as text for the table
+        return next((str(summary[key]) for key in keys if summary.get(key) is not None), '?')
+    return {'path': file, 'script': cell('script'), 'status': cell('status'),
+            'device': cell('device_name', 'device'), 'accuracies': accuracies,
             'mean_time': sum(run['time_seconds'] for run in runs) / len(runs) if runs else None,
             'source': summary.get('source_sha256'), 'hyp': summary.get('hyp'),
             'data': {key: value for key, value in data.items() if key != 'dir'}, **study_stats(accuracies)}

@@ -8,22 +8,26 @@
 The recipe contract: a Python file (loaded by path, so an edited copy works in any folder, alone)
 that defines
     hyp                  the nested dict {'opt': ..., 'aug': ..., 'net': ...}; --set overrides its leaves
-    CifarLoader(data_dir, train, batch_size, aug, device=...)  the data; it fails with UserError
+    CifarLoader(data_dir, train, batch_size, aug, device=...)  the data, with attributes data_dir,
+                         images (a tensor, whose pixel sum fingerprints the data) and labels;
+                         it fails with UserError
     train(hyp, train_loader, test_loader, device, run=None, verbose=True) -> (model, result)
                          one timed training; test_loader None builds the recipe's own; result has at
-                         least tta_val_acc, val_acc (0 to 1) and time_seconds; `run` labels its rows
+                         least the numbers tta_val_acc, val_acc (0 to 1) and time_seconds (floats or
+                         one-element tensors; whatever else JSON cannot hold is logged as its repr)
     warmup(hyp, train_loader, device, verbose=True)  optional: the untimed warm-up (compilation,
                          cuDNN autotuning) wherever the recipe needs one; it may use up the loader
     check_hyp(hyp)       optional: raises UserError for values of its own keys that make no sense
                          (study.py's CHECKS cover the keys of this folder's recipes)
     UserError            optional: an exception whose message is one line that says what to do
 
-What a study does: run i is trained on a fresh training loader after torch.manual_seed(run_seed(seed,
+What a study does: run i is trained on a training loader built after torch.manual_seed(run_seed(seed,
 i)), so a study is the same set of trainings however its runs are spread over processes. Under
 torchrun rank r of K trains runs r, r+K, ... on cuda:LOCAL_RANK (or the CPU); after each round the
 results are gathered over gloo (small Python objects; its timeout is a day, so a download, a compile
 or a slow rank cannot trip it), rank 0 prints the table and writes the one log, and a rank whose run
-fails stops the study with one line naming it. The log, logs/<recipe>/<UTC time>-<id>/, holds
+fails stops the study with one line naming it (a rank whose process dies, with one line from each
+rank still alive, rank 0 keeping its own finished runs). The log, logs/<recipe>/<UTC time>-<id>/, holds
 summary.json (hyp, every run's result and seed, statistics, status, device, torch, data, command)
 and log.pt (the same, the recipe's source and the accuracies as a tensor), rewritten together after
 every run: a stopped study (Ctrl-C, SIGTERM, a full disk, a failing run) keeps every finished run.
@@ -38,7 +42,9 @@ import importlib.util
 import json
 import math
 import os
+import re
 import secrets
+import shlex
 import signal
 import sys
 import traceback
@@ -56,6 +62,10 @@ class StudyError(Exception):
 
 class StudyFailed(StudyError):
     """A run failed on some rank; every rank knows, and rank 0 alone reports it."""
+
+
+class RankLost(StudyError):
+    """Another rank's process ended (it failed on its own, or died): the connection broke."""
 
 
 #############################################
@@ -123,7 +133,10 @@ def override_hyp(base, overrides):
         if isinstance(old, dict) and isinstance(value, dict):
             pending += [(f'{key}.{name}', entry) for name, entry in value.items()]
             continue
-        node[leaf] = float(value) if type(old) is float and type(value) is int else value
+        try:
+            node[leaf] = float(value) if type(old) is float and type(value) is int else value
+        except OverflowError:
+            raise StudyError(f'{key} must be a float (like {old!r}), not an integer of {len(str(value))} digits') from None
         same_kind = isinstance(old, (list, tuple)) and isinstance(value, (list, tuple))
         if type(node[leaf]) is not type(old) and not same_kind:
             raise StudyError(f'{key} must be of type {type(old).__name__} (like {old!r}), not {value!r}')
@@ -286,8 +299,9 @@ def format_summary(name, stats):
 
 def atomic_write(writers):
     """{path: write(file)}: all files are written to temporaries of their own first (random names, which
-    no other process writes, on any host) and renamed into place only when every one is complete, so
-    the set on disk is always one complete write."""
+    no other process writes, on any host) and renamed into place only when every one is complete, so a
+    full disk leaves the last complete set. Only a process killed between the renames (SIGKILL, a power
+    cut) could leave them one write apart; Ctrl-C and SIGTERM there are followed by a rewrite of both."""
     temporaries = {path: f'{path}.{os.urandom(6).hex()}.tmp' for path in writers}
     try:
         for path, write in writers.items():
@@ -322,14 +336,19 @@ class StudyLog:
         self.write()
 
     def add(self, result):
-        self.write(self.results + [result])  # a run counts once it is on disk
+        """Logs a finished run. Kept even when a signal stops the write (the final rewrite holds it);
+        dropped only when the disk refuses it."""
         self.results.append(result)
+        try:
+            self.write()
+        except StudyError:
+            self.results.pop()
+            raise
 
     def close(self, status):
-        """Marks the log; a failure to write is left for the caller's message, not raised."""
+        """Marks the log; raises StudyError when it cannot be written."""
         self.info['status'] = status
-        with contextlib.suppress(StudyError):
-            self.write()
+        self.write()
 
     def summary(self, results=None):
         results = self.results if results is None else results
@@ -407,11 +426,16 @@ class Ranks:
             torch.distributed.init_process_group('gloo', timeout=GATHER_TIMEOUT)
 
     def gather(self, value):
-        """Every rank's value, in rank order; [value] without torchrun."""
+        """Every rank's value, in rank order; [value] without torchrun. A rank whose process has ended
+        breaks the connection: RankLost, a line of its own, not gloo's traceback."""
         if not self.distributed:
             return [value]
         values = [None] * self.size
-        torch.distributed.all_gather_object(values, value)
+        try:
+            torch.distributed.all_gather_object(values, value)
+        except RuntimeError as exc:  # gloo's DistBackendError: '[.../pair.cc:553] Connection closed by peer ...'
+            reason = re.sub(r'^\[[^\]]*\]\s*', '', first_line(exc).split(': ', 1)[-1]).split('. ')[0]
+            raise RankLost(f'another rank ended the study ({reason}); its line, or torchrun\'s report, says why') from None
         return values
 
     def close(self):
@@ -495,7 +519,8 @@ def run_study(args, argv, ranks, state):
     check_hyp(study_hyp, recipe)
     data_dir = args.data_dir or os.environ.get('CIFAR10_DIR') or 'cifar10'
     if os.path.isfile(data_dir) or (not os.path.isdir(data_dir) and data_dir != 'cifar10'):
-        raise StudyError(f'--data-dir {data_dir} is not a folder; correct it, or create it to download '
+        given = '--data-dir' if args.data_dir else '$CIFAR10_DIR'
+        raise StudyError(f'{given} {data_dir} is not a folder; correct it, or create it to download '
                          f'CIFAR-10 into it')
     device = ranks.device(args.device)
 
@@ -515,7 +540,7 @@ def run_study(args, argv, ranks, state):
     own_runs = range(ranks.rank, args.runs, ranks.size)
     if ranks.rank == 0:
         state['log'] = log = StudyLog(args.log_dir, recipe, {
-            'command': ' '.join(['study.py'] + argv), 'argv': argv, 'hyp': study_hyp, 'seed': base_seed,
+            'command': shlex.join(['study.py'] + argv), 'argv': argv, 'hyp': study_hyp, 'seed': base_seed,
             'device': str(device), 'device_name': device_names[0], 'torch': str(torch.__version__),
             'python': sys.version.split()[0], 'world_size': ranks.size, 'device_names': device_names,
             'data': data_fingerprint(*loaders)})
@@ -529,34 +554,42 @@ def run_study(args, argv, ranks, state):
         warmup = attempt(ranks, state['errors'], 'its warm-up',
                          lambda: {'warmed_up': recipe.warmup(study_hyp, loaders[0], device, verbose=ranks.rank == 0)})
     stop_on_failures(ranks.gather(warmup))
-    train_loader_of_run = loaders[0] if getattr(loaders[0], 'epoch', 1) == 0 else None  # unused by a warm-up
+    loaders = None  # each run builds its own after seeding: the warm-up may have used these up
     for first_run in range(0, args.runs, ranks.size):  # a round: one run on each rank
         run, outcome = first_run + ranks.rank, None
         if run < args.runs:
             outcome = attempt(ranks, state['errors'], f'run {run}',
-                              lambda: train_run(recipe, study_hyp, base_seed, run, train_loader_of_run
-                                                or train_loader(), device, ranks))
-            train_loader_of_run = None  # each run gets a loader of its own: fresh flips and epochs
+                              lambda: train_run(recipe, study_hyp, base_seed, run, train_loader, device, ranks))
+        if ranks.rank == 0 and outcome is not None and 'error' not in outcome:
+            log.add(outcome)  # before the gather, which a dying rank breaks
         outcomes = ranks.gather(outcome)
-        for rank, finished in enumerate(outcomes):
-            if ranks.rank == 0 and finished is not None and 'error' not in finished:
-                state['log'].add(finished)
-                if rank > 0:
-                    print(f'{name}: run {finished["run"]} (rank {rank}): TTA accuracy '
-                          f'{finished["tta_val_acc"]:.4f} in {finished["time_seconds"]:.3f} s', flush=True)
+        for rank, finished in enumerate(outcomes[1:] if ranks.rank == 0 else [], 1):
+            if finished is not None and 'error' not in finished:
+                log.add(finished)
+                print(f'{name}: run {finished["run"]} (rank {rank}): TTA accuracy '
+                      f'{finished["tta_val_acc"]:.4f} in {finished["time_seconds"]:.3f} s', flush=True)
         stop_on_failures(outcomes)
     if ranks.rank == 0:
-        log.close('complete')
+        log.close('complete')  # a full disk here is a failure: the log would still say running
         print(format_summary(name, log.summary()))
         print(f'{name}: log written to {log.dir}')
 
 
-def train_run(recipe, study_hyp, base_seed, run, train_loader, device, ranks):
-    """Run `run` of the study, seeded from (base_seed, run): its entry in the log."""
+def train_run(recipe, study_hyp, base_seed, run, make_train_loader, device, ranks):
+    """Run `run` of the study, seeded from (base_seed, run) before its loader is built: its entry in
+    the log, as JSON holds it."""
     seed = run_seed(base_seed, run)
     torch.manual_seed(seed)
-    _, result = recipe.train(study_hyp, train_loader, None, device, run=run, verbose=ranks.rank == 0)
-    return {'run': run, 'seed': seed, **result, **({'rank': ranks.rank} if ranks.distributed else {})}
+    _, result = recipe.train(study_hyp, make_train_loader(), None, device, run=run, verbose=ranks.rank == 0)
+    entry = {'run': run, 'seed': seed, **result, **({'rank': ranks.rank} if ranks.distributed else {})}
+    for key in ('tta_val_acc', 'val_acc', 'time_seconds'):
+        try:
+            entry[key] = float(entry[key])
+        except (KeyError, TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of many numbers
+            raise StudyError(f'{recipe.recipe_name}.train returned {entry.get(key)!r:.60} as {key}, not a number '
+                             f'(the recipe contract, in study.py --help)') from None
+    return json.loads(json.dumps(entry, default=lambda value: value.item() if isinstance(value, torch.Tensor)
+                                 and value.numel() == 1 else repr(value)))
 
 
 def main(argv=None):
@@ -564,41 +597,53 @@ def main(argv=None):
     args = parse_args(argv)
     ranks = Ranks()
     state = {'errors': (StudyError,), 'log': None, 'name': 'study.py'}
-    previous_handler = signal.signal(signal.SIGTERM, stop)  # torchrun, schedulers, timeout, kill
+    previous_handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGTERM, stop)  # torchrun, schedulers, timeout, kill
     try:
         run_study(args, argv, ranks, state)
     except KeyboardInterrupt as exc:
+        hold_signals()  # a second Ctrl-C or SIGTERM must not cut the log's last write short
         log, signal_name = state['log'], str(exc) or 'SIGINT'
         status = 128 + signal.Signals[signal_name]
         if ranks.rank > 0:
             fail(f'interrupted ({signal_name}); rank 0 keeps the log', ranks, status)
         if log is None:
             fail(f'interrupted ({signal_name}) before the study started; nothing was logged', ranks, status)
-        log.close('interrupted')
+        with contextlib.suppress(StudyError):  # then it keeps its last complete write
+            log.close('interrupted')
         fail(f'interrupted ({signal_name}); {len(log.results)} finished run(s) kept in {log.dir}', ranks, status)
     except Exception as exc:
+        hold_signals()
         log = state['log']
         kept = '' if log is None else f'; {len(log.results)} finished run(s) kept in {log.dir}'
         if log is not None:
-            log.close('failed')
+            with contextlib.suppress(StudyError):
+                log.close('failed')
         if not isinstance(exc, state['errors']):  # a bug or e.g. out of memory: the traceback matters
-            if kept:
-                print(f'study.py: {kept[2:]}', file=sys.stderr)
-            raise
+            traceback.print_exc()
+            fail(kept[2:] if kept else 'stopped before the study started; nothing was logged', ranks)
         if isinstance(exc, StudyFailed):  # every rank is here: rank 0 reports, then all leave
             if ranks.rank == 0:
                 print(f'study.py: error: {exc}{kept}', file=sys.stderr, flush=True)
-            ranks.gather(None)  # were another rank to exit first, torchrun would stop rank 0
+            with contextlib.suppress(RankLost):
+                ranks.gather(None)  # were another rank to exit first, torchrun would stop rank 0
             sys.exit(1)
         fail(f'error: {exc}{kept}', ranks)
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
-        ranks.close()
+        for number, handler in previous_handlers.items():
+            signal.signal(number, handler)
+        with contextlib.suppress(RuntimeError):  # a connection another rank broke
+            ranks.close()
 
 
 def stop(signum, frame):
     """SIGTERM ends a study as Ctrl-C does: the log is marked and keeps every finished run."""
     raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def hold_signals():
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, signal.SIG_IGN)
 
 
 def fail(message, ranks, status=1):

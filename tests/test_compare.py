@@ -137,3 +137,12 @@ def test_notes_on_differences_beyond_the_compared_change(tmp_path):
     assert note == 'note: 2 differs from 1 in recipe source; hyp (opt.lr); data (train_pixel_sum)'
     done = run_compare(first, write_summary(tmp_path / 'd', SECOND, [4.0] * 4))  # an older log: nothing to tell
     assert 'note:' not in done.stdout
+
+
+def test_missing_or_null_text_fields_are_shown_as_unknown(tmp_path):
+    """A summary written by hand or by an older tool: null where the table wants text is '?'."""
+    done = run_compare(write_summary(tmp_path / 'a', FIRST, [4.0] * 5, script=None, device_name=None, status=None),
+                       write_summary(tmp_path / 'b', SECOND, [4.0] * 4))
+    assert done.returncode == 0 and done.stderr == ''
+    assert done.stdout.splitlines()[1].split()[:4] == ['1', '?', '?', '5']
+    assert done.stdout.splitlines()[1].split()[-1] == '?'

@@ -98,15 +98,51 @@ def test_a_failing_rank_stops_the_study(airbench94, tiny_data, tmp_path):
     assert f'1 finished run(s) kept in {tmp_path / "logs"}' in done.stderr
 
 
+def assert_rank_0_kept(done, summary):
+    """Rank 0's one line for a rank whose process died: torchrun's SIGTERM, or the broken connection,
+    whichever reached it first, with the log marked to match; no traceback from any rank (torchrun's
+    own report of a failed child is one)."""
+    stopped = {'interrupted': 'interrupted (SIGTERM)', 'failed': 'error: another rank ended the study'}
+    assert f'rank 0: {stopped[summary["status"]]}' in done.stderr and 'study.py", line' not in done.stderr
+    assert f'; {summary["n"]} finished run(s) kept in' in done.stderr
+
+
 def test_a_rank_that_dies_outright(airbench94, tiny_data, tmp_path):
-    """Rank 1's process ends in run 5 (its third): torchrun stops rank 0, which marks the log
-    interrupted and keeps the runs of the two rounds gathered before."""
+    """Rank 1's process ends in run 5 (its third): rank 0 stops too, keeping the runs of the two
+    rounds gathered before, and run 4 if it finished it."""
     recipe_file = failing_in_run(tmp_path, 5, 'os._exit(1)')
     done, seconds = torchrun(airbench94, tiny_data, tmp_path / 'logs', '--runs', '6', recipe_file=recipe_file)
     assert done.returncode != 0 and seconds < STUDY_TIMEOUT
     summary = only_summary(tmp_path / 'logs', 'fails_in_run_5')
-    assert summary['status'] == 'interrupted' and 2 <= summary['n'] <= 4
-    assert f'rank 0: interrupted (SIGTERM); {summary["n"]} finished run(s) kept in' in done.stderr
+    assert [run['run'] for run in summary['runs']][:4] == [0, 1, 2, 3] and summary['n'] <= 5
+    assert_rank_0_kept(done, summary)
+
+
+def test_a_rank_that_dies_while_rank_0_waits(airbench94, tiny_data, tmp_path):
+    """Rank 1's process ends in run 1 once run 0 is in the log, where rank 0 waits for the round's
+    results: rank 0 logged its own run before it waited, and keeps it."""
+    logs = tmp_path / 'logs'
+    recipe_file = failing_in_run(tmp_path, 1, f'wait_for_a_run({str(logs)!r}); os._exit(1)')
+    with open(recipe_file, 'a') as file:
+        file.write('\ndef wait_for_a_run(logs):\n    import glob, json, time\n'
+                   '    while not any(json.load(open(path))["n"] for path in glob.glob(f"{logs}/*/*/summary.json")):\n'
+                   '        time.sleep(0.05)\n')
+    done, seconds = torchrun(airbench94, tiny_data, logs, '--runs', '4', recipe_file=recipe_file)
+    assert done.returncode != 0 and seconds < STUDY_TIMEOUT
+    summary = only_summary(logs, 'fails_in_run_1')
+    assert [run['run'] for run in summary['runs']] == [0]
+    assert_rank_0_kept(done, summary)
+
+
+def test_rank_0_failing_alone_is_one_line_on_every_rank(airbench94, tiny_data, tmp_path):
+    """Rank 0 alone writes the log, so only it finds --log-dir a file; rank 1, left waiting for it,
+    says it is stopped in one line, not gloo's traceback."""
+    (tmp_path / 'a_file').write_text('')
+    done, seconds = torchrun(airbench94, tiny_data, tmp_path / 'a_file', '--runs', '2')
+    assert done.returncode != 0 and seconds < STUDY_TIMEOUT
+    assert 'rank 0: error: cannot create the log folder' in done.stderr and 'study.py", line' not in done.stderr
+    assert ('rank 1: error: another rank ended the study' in done.stderr
+            or 'rank 1: interrupted (SIGTERM); rank 0 keeps the log' in done.stderr)
 
 
 @pytest.mark.skipif(importlib.import_module('torch').cuda.is_available(), reason='this machine has CUDA')

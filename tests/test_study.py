@@ -5,6 +5,7 @@ import glob
 import importlib
 import math
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -17,7 +18,7 @@ import study
 from conftest import (RECIPES, ROOT, assert_one_line, assert_shareable, failed_study, only_log, read_summary, run_main,
                       signal_after_first_run, study_args)
 
-SEEDED = ('--seed', '7', '--set', 'opt.label_smoothing=0.1')
+SEEDED = ('--seed', '7', '--set', 'opt.label_smoothing = 0.1')  # spaces: the logged command must quote them
 
 
 @pytest.fixture
@@ -69,7 +70,7 @@ def test_study_log_contents(airbench94, two_runs):
     assert summary['std'] == pytest.approx(abs(accs[0] - accs[1]) / math.sqrt(2))
     assert summary['torch'] == torch.__version__ and summary['device'] == 'cpu'
     assert summary['data']['train_images'] == 256 and summary['data']['test_images'] == 128
-    assert '--runs 2' in summary['command'] and 'code' not in summary
+    assert shlex.split(summary['command']) == ['study.py', *summary['argv']] and 'code' not in summary
     log = torch.load(os.path.join(folder, 'log.pt'), weights_only=True)
     with open(airbench94.__file__) as file:
         assert log['code'] == file.read()
@@ -104,25 +105,27 @@ def test_stopped_study_keeps_finished_runs(airbench94, tiny_data, tmp_path, sign
     assert summary['status'] == 'interrupted' and 1 <= summary['n'] == len(summary['runs']) < 500
 
 
-def test_full_disk_mid_study(airbench94, tiny_data, tmp_path, capsys, monkeypatch):
-    """The disk fills while the log is rewritten after run 1: one line, and summary.json and
-    log.pt both hold their last complete write (run 0), never a mix."""
+@pytest.mark.parametrize('runs, writes_before_full', [(3, 2), (2, 3)])
+def test_full_disk_mid_study(airbench94, tiny_data, tmp_path, capsys, monkeypatch, runs, writes_before_full):
+    """The disk fills while the log is rewritten after run 1, or as the finished study is marked
+    complete: one line and status 1, and summary.json and log.pt both hold their last complete
+    write (every run before), never a mix."""
     real_save, saves = torch.save, []
 
     def save_until_full(obj, file, *args, **kwargs):
         saves.append(obj)
-        if len(saves) > 2:  # the log at creation, after run 0, then the disk is full
+        if len(saves) > writes_before_full:  # the log at creation, after run 0, ...
             raise OSError(errno.ENOSPC, 'No space left on device')
         return real_save(obj, file, *args, **kwargs)
     monkeypatch.setattr(torch, 'save', save_until_full)
-    status, _, err = run_main(study, capsys, *study_args(airbench94, tiny_data, tmp_path, '--runs', '3'))
+    status, _, err = run_main(study, capsys, *study_args(airbench94, tiny_data, tmp_path, '--runs', str(runs)))
     monkeypatch.setattr(torch, 'save', real_save)
     folder = only_log(tmp_path, 'airbench94')
     assert status == 1
     assert_one_line(err)
-    assert 'No space left on device' in err and folder in err
+    assert 'No space left on device' in err and f'{writes_before_full - 1} finished run(s) kept in {folder}' in err
     summary, log = read_summary(folder), torch.load(os.path.join(folder, 'log.pt'), weights_only=True)
-    assert summary['n'] == log['n'] == 1 and summary['status'] == log['status'] == 'running'
+    assert summary['n'] == log['n'] == writes_before_full - 1 and summary['status'] == log['status'] == 'running'
     assert summary['runs'] == log['runs'] and not glob.glob(os.path.join(folder, '*.tmp'))
 
 
@@ -144,6 +147,7 @@ def test_set_overrides(airbench94):
     ({'net.widths.block4': 8}, 'unknown hyp key'),
     ({'opt.batch_size': 512.5}, 'opt.batch_size must be of type int'),
     ({'aug.flip': 'yes'}, 'aug.flip must be of type bool'),
+    ({'opt.lr': 10 ** 400}, 'opt.lr must be a float .* an integer of 401 digits'),
 ])
 def test_bad_overrides(airbench94, overrides, message):
     with pytest.raises(study.StudyError, match=message):
@@ -247,6 +251,91 @@ def test_a_diverging_run_is_one_clear_line(airbench94, tiny_data, tmp_path, caps
     assert status == 1 and 'training diverged (loss nan' in err and 'opt.lr' in err
     assert err.count('\n') == 1 and '0 finished run(s) kept in' in err
     assert read_summary(only_log(tmp_path, 'airbench94'))['status'] == 'failed'
+
+
+def test_cifar10_dir_that_is_not_a_folder(airbench94, tmp_path, capsys, monkeypatch):
+    """The default folder comes from $CIFAR10_DIR: the message names the variable, not --data-dir."""
+    monkeypatch.setenv('CIFAR10_DIR', str(tmp_path / 'no_such_folder'))
+    status, _, err = run_main(study, capsys, 'airbench94', '--device', 'cpu', '--log-dir', str(tmp_path / 'logs'))
+    assert status == 1 and f'$CIFAR10_DIR {tmp_path / "no_such_folder"} is not a folder' in err
+    assert_one_line(err)
+
+
+def fail_in_run(recipe, monkeypatch, run, exception):
+    """recipe.train raises `exception` in run `run` and trains the others."""
+    real_train = recipe.train
+
+    def train(*args, run=None, **kwargs):
+        if run == fail_in_run.run:
+            raise exception
+        return real_train(*args, run=run, **kwargs)
+    fail_in_run.run = run
+    monkeypatch.setattr(recipe, 'train', train)
+
+
+def test_a_bug_gives_its_traceback_then_what_was_kept(airbench94, tiny_data, tmp_path, capsys, monkeypatch):
+    fail_in_run(airbench94, monkeypatch, 1, ZeroDivisionError('a bug in an edited recipe'))
+    status, _, err = run_main(study, capsys, *study_args(airbench94, tiny_data, tmp_path, '--runs', '3'))
+    folder = only_log(tmp_path, 'airbench94')
+    *traceback_lines, last = err.rstrip('\n').split('\n')
+    assert status == 1 and traceback_lines[0] == 'Traceback (most recent call last):'
+    assert 'ZeroDivisionError: a bug in an edited recipe' in traceback_lines[-1]
+    assert last == f'study.py: 1 finished run(s) kept in {folder}'
+    assert read_summary(folder)['status'] == 'failed' and read_summary(folder)['n'] == 1
+
+
+def test_a_second_signal_cannot_cut_the_last_write_short(airbench94, tiny_data, tmp_path, capsys, monkeypatch):
+    """Ctrl-C in run 1, and another while the log is being marked (a scheduler's SIGTERM after the
+    user's Ctrl-C): still one line, and the log marked interrupted with run 0."""
+    fail_in_run(airbench94, monkeypatch, 1, KeyboardInterrupt())
+    real_close = study.StudyLog.close
+
+    def close_during_a_signal(log, status):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_close(log, status)
+    monkeypatch.setattr(study.StudyLog, 'close', close_during_a_signal)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, whatever pytest's
+    try:
+        status, _, err = run_main(study, capsys, *study_args(airbench94, tiny_data, tmp_path, '--runs', '3'))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    summary = read_summary(only_log(tmp_path, 'airbench94'))
+    assert status == 130 and 'interrupted (SIGINT); 1 finished run(s) kept' in err
+    assert_one_line(err)
+    assert summary['status'] == 'interrupted' and summary['n'] == 1
+
+
+def test_run_results_are_logged_as_numbers(airbench94, tiny_data, tmp_path, capsys, monkeypatch):
+    """A recipe may return its accuracies as one-element tensors, and anything else besides: the log
+    holds numbers and reprs, not a traceback from JSON. A result that is not a number is one line."""
+    real_train = airbench94.train
+
+    def train_returning_tensors(*args, **kwargs):
+        model, result = real_train(*args, **kwargs)
+        return model, {**result, 'tta_val_acc': torch.tensor(result['tta_val_acc']), 'extra': {1, 2}}
+    monkeypatch.setattr(airbench94, 'train', train_returning_tensors)
+    status, _, err = run_main(study, capsys, *study_args(airbench94, tiny_data, tmp_path / 'tensors', '--runs', '1'))
+    [run] = read_summary(only_log(tmp_path / 'tensors', 'airbench94'))['runs']
+    assert status == 0 and err == '' and isinstance(run['tta_val_acc'], float) and run['extra'] == '{1, 2}'
+    monkeypatch.setattr(airbench94, 'train', lambda *args, **kwargs: (None, {'tta_val_acc': 'high'}))
+    status, _, err = run_main(study, capsys, *study_args(airbench94, tiny_data, tmp_path / 'words', '--runs', '1'))
+    assert status == 1 and "airbench94.train returned 'high' as tta_val_acc, not a number" in err
+    assert_one_line(err)
+
+
+def test_each_run_builds_its_loader_after_its_seed(airbench94, tiny_data, tmp_path, capsys, monkeypatch):
+    """So a loader that draws random numbers as it is built makes the same study however it is
+    spread; the loader that the study read the data with first is not reused."""
+    seeds_at_construction = []
+
+    class RecordingLoader(airbench94.CifarLoader):
+        def __init__(self, data_dir=None, train=True, *args, **kwargs):
+            super().__init__(data_dir, train, *args, **kwargs)
+            if train:
+                seeds_at_construction.append(torch.initial_seed())
+    monkeypatch.setattr(airbench94, 'CifarLoader', RecordingLoader)
+    status, _, _ = run_main(study, capsys, *study_args(airbench94, tiny_data, tmp_path, '--runs', '2', '--seed', '3'))
+    assert status == 0 and seeds_at_construction[1:] == [study.run_seed(3, run) for run in range(2)]
 
 
 def test_edited_copy_of_a_recipe_runs_by_path(tiny_data, tmp_path, capsys):
