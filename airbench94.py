@@ -146,8 +146,8 @@ def build_cache(data_dir):
 
 def atomic_write(writers):
     """{path: write(file)}: every file is written to a temporary of its own beside it (a random name, which no other
-    process writes, on any host sharing the folder), and all are renamed into place only once all are complete, so an
-    interruption or a full disk leaves the old files, never half a file or a mix."""
+    process writes, on any host sharing the folder), and all are renamed into place only once all are complete: a full
+    disk leaves the old files, never half a file; only a process killed between two renames could leave a mix."""
     temporaries = {path: f'{path}.{os.urandom(6).hex()}.tmp' for path in writers}
     try:
         for path, write in writers.items():
@@ -484,7 +484,7 @@ def warmup(hyp=hyp, train_loader=None, device=None, verbose=True):
 
 def write_log(folder, info, results):
     """log.pt (all, with this script's source) and summary.json (all but the source) in study.py's format, renamed
-    into place together: they never disagree, and a full disk leaves both at the last complete write."""
+    into place together (see atomic_write): a full disk leaves both at the last complete write."""
     code = pathlib.Path(__file__).read_text(encoding='utf-8')
     accs, times = [result['tta_val_acc'] for result in results], [result['time_seconds'] for result in results]
     summary = {**info, 'source_sha256': hashlib.sha256(code.encode()).hexdigest(), 'n': len(accs),
