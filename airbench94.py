@@ -544,7 +544,7 @@ def main(argv=None):
         interrupted = isinstance(exc, KeyboardInterrupt)
         message = f'interrupted ({str(exc) or "SIGINT"})' if interrupted else f'error: {exc}'
         if folder and os.path.isdir(folder):
-            with contextlib.suppress(UserError):
+            with contextlib.suppress(UserError, KeyboardInterrupt):  # a second signal cuts only this write
                 write_log(folder, {**info, 'status': 'interrupted' if interrupted else 'failed'}, results)
             message += f'; {len(results)} finished run(s) kept in {folder}'
         print(f'{name}.py: {message}', file=sys.stderr)

@@ -93,23 +93,47 @@ def test_full_disk_keeps_the_last_complete_log(tiny_recipe, tiny_data, tmp_path,
     assert_shareable(os.path.join(folder, 'log.pt'), os.path.join(folder, 'summary.json'))
 
 
-def test_sigterm_ends_the_record_attempt_as_ctrl_c_does(tiny_recipe, tiny_data, tmp_path, capsys, monkeypatch):
-    """SIGTERM (a scheduler, timeout, kill) in the second run, delivered to this very process:
-    one line, the finished run kept, the log marked interrupted, status 143."""
-    real_train = tiny_recipe.train
+def terminated_in_run_1(recipe, monkeypatch, capsys, data_dir, log_dir):
+    """The record attempt, --runs 5, with a SIGTERM delivered to this very process in run 1:
+    (exit status, stderr, summary)."""
+    real_train = recipe.train
 
-    def terminated_in_run_1(*args, **kwargs):
+    def train(*args, **kwargs):
         if kwargs.get('run') == 1:
             os.kill(os.getpid(), signal.SIGTERM)
         return real_train(*args, **kwargs)
-    monkeypatch.setattr(tiny_recipe, 'train', terminated_in_run_1)
-    status, _, err = run_main(tiny_recipe, capsys, '--runs', '5', '--data-dir', tiny_data, '--device', 'cpu')
-    folder = only_log(tmp_path / 'logs', tiny_recipe.__name__)
-    summary = read_summary(folder)
+    monkeypatch.setattr(recipe, 'train', train)
+    status, _, err = run_main(recipe, capsys, '--runs', '5', '--data-dir', data_dir, '--device', 'cpu')
+    return status, err, read_summary(only_log(log_dir, recipe.__name__))
+
+
+def test_sigterm_ends_the_record_attempt_as_ctrl_c_does(tiny_recipe, tiny_data, tmp_path, capsys, monkeypatch):
+    """SIGTERM (a scheduler, timeout, kill) in the second run: one line, the finished run kept, the
+    log marked interrupted, status 143."""
+    status, err, summary = terminated_in_run_1(tiny_recipe, monkeypatch, capsys, tiny_data, tmp_path / 'logs')
     assert status == 143 and summary['status'] == 'interrupted' and summary['n'] == 1
     assert f'interrupted (SIGTERM); {summary["n"]} finished run(s) kept in' in err
     assert_one_line(err)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # main put the handler back
+
+
+def test_a_second_signal_while_the_log_is_marked(tiny_recipe, tiny_data, tmp_path, capsys, monkeypatch):
+    """Another SIGTERM while the log is being marked interrupted (a scheduler's, after the user's
+    Ctrl-C): still one line and status 143; the log keeps its last complete write, run 0 in it."""
+    real_write_log = tiny_recipe.write_log
+
+    def write_log(folder, info, results):
+        if info['status'] == 'interrupted':
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_write_log(folder, info, results)
+    monkeypatch.setattr(tiny_recipe, 'write_log', write_log)
+    try:
+        status, err, summary = terminated_in_run_1(tiny_recipe, monkeypatch, capsys, tiny_data, tmp_path / 'logs')
+    except KeyboardInterrupt:
+        pytest.fail('the second SIGTERM escaped main: a traceback, not one line')
+    assert status == 143 and 'interrupted (SIGTERM); 1 finished run(s) kept in' in err
+    assert_one_line(err)
+    assert summary['status'] == 'running' and summary['n'] == 1
 
 
 @pytest.mark.parametrize('signal_number', [signal.SIGTERM, signal.SIGINT])
