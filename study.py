@@ -136,7 +136,8 @@ def override_hyp(base, overrides):
         try:
             node[leaf] = float(value) if type(old) is float and type(value) is int else value
         except OverflowError:
-            raise StudyError(f'{key} must be a float (like {old!r}), not an integer of {len(str(value))} digits') from None
+            raise StudyError(f'{key} must be a float (like {old!r}), not an integer of '
+                             f'{len(str(value))} digits') from None
         same_kind = isinstance(old, (list, tuple)) and isinstance(value, (list, tuple))
         if type(node[leaf]) is not type(old) and not same_kind:
             raise StudyError(f'{key} must be of type {type(old).__name__} (like {old!r}), not {value!r}')
@@ -435,7 +436,8 @@ class Ranks:
             torch.distributed.all_gather_object(values, value)
         except RuntimeError as exc:  # gloo's DistBackendError: '[.../pair.cc:553] Connection closed by peer ...'
             reason = re.sub(r'^\[[^\]]*\]\s*', '', first_line(exc).split(': ', 1)[-1]).split('. ')[0]
-            raise RankLost(f'another rank ended the study ({reason}); its line, or torchrun\'s report, says why') from None
+            raise RankLost(f'another rank ended the study ({reason}); its line, or torchrun\'s report, '
+                           f'says why') from None
         return values
 
     def close(self):
