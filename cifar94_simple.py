@@ -67,7 +67,7 @@ def train(data_dir=None):  # one network, a line per epoch; returns (model, test
                                 weight_decay=WEIGHT_DECAY)
     steps, training_time = len(train_x) // BATCH_SIZE, 0.0
     for epoch in range(EPOCHS):
-        start, order = time.perf_counter(), torch.randperm(len(train_x))
+        start, order = time.perf_counter(), torch.randperm(len(train_x), device=DEVICE)
         inputs, labels = augment(train_x[order]).split(BATCH_SIZE), train_y[order].split(BATCH_SIZE)
         for step, x, y in zip(range(steps), inputs, labels):  # the last, partial batch is left out
             progress = (epoch + (step + 1) / steps) / EPOCHS  # lr per example: 0.6 / 512 at 20%

@@ -132,6 +132,17 @@ def test_learning_rate_schedule_knots(small_recipe):
     assert max(rates) == pytest.approx(0.6 / 512) and rates.index(max(rates)) == total // 5 - 1
 
 
+def test_each_epoch_is_shuffled_where_the_images_are(small_recipe, monkeypatch):
+    """The order is drawn on the training device: a CPU order would be copied to the GPU each epoch."""
+    devices, real_randperm = [], torch.randperm
+    monkeypatch.setattr(torch, 'randperm', lambda *args, **kwargs: devices.append(kwargs.get('device'))
+                        or real_randperm(*args, **kwargs))
+    monkeypatch.setattr(simple, 'EPOCHS', 2)
+    monkeypatch.setattr(simple, 'DEVICE', 'cpu:0')  # an explicit device, told apart from the default
+    simple.train(small_recipe)
+    assert devices == ['cpu:0', 'cpu:0']
+
+
 def epoch_rows(out):
     return [dict(zip(('epoch', 'loss', 'train_acc', 'test_acc', 'time'), map(float, row)))
             for row in re.findall(r'epoch +(\d+) +train loss ([\d.]+) +train acc ([\d.]+) +test acc '
