@@ -47,6 +47,13 @@ def test_t_distribution_against_tables():
     assert compare.t_two_sided_p(0.0, 7.5) == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize('t, df, p', [  # p = 2 * the integral of the density from t up, by mpmath.quad at 30 digits
+    (0.5, 10, 0.6278936057429729), (1.0, 3.5, 0.3813372535634455), (0.1, 40, 0.9208438530452802)])
+def test_large_p_values_against_the_density(t, df, p):
+    """Small differences: where the incomplete beta function is evaluated through its mirror."""
+    assert compare.t_two_sided_p(t, df) == pytest.approx(p, rel=1e-9)
+
+
 def write_summary(folder, accuracies, times, script='airbench94.py', **extra):
     folder.mkdir(parents=True)
     runs = [{'run': i, 'tta_val_acc': accuracy, 'time_seconds': seconds}
@@ -82,6 +89,7 @@ def test_two_studies_side_by_side(tmp_path):
     ('[1, 2]', 'its format: None'),
     ('not json', 'cannot read'),
     ('{"format": "airbench-study/1", "runs": [{"tta_val_acc": "high"}]}', 'its runs are damaged'),
+    ('{"format": "airbench-study/1", "runs": [{"time_seconds": 3.0}]}', 'its runs are damaged'),
 ])
 def test_foreign_or_damaged_summaries_get_one_line(tmp_path, content, problem):
     path = tmp_path / 'summary.json'
@@ -89,6 +97,12 @@ def test_foreign_or_damaged_summaries_get_one_line(tmp_path, content, problem):
     done = run_compare(path)
     assert done.returncode == 1 and done.stdout == '' and problem in done.stderr and str(path) in done.stderr
     assert_one_line(done.stderr)
+
+
+@pytest.mark.parametrize('args, status', [([], 2), (['--help'], 0)])
+def test_usage_without_arguments_or_with_help(args, status):
+    done = run_compare(*args)
+    assert done.returncode == status and done.stdout.startswith('compare.py: did a recipe change matter?')
 
 
 def test_missing_path_and_too_few_runs(tmp_path):
@@ -130,11 +144,11 @@ def test_notes_on_differences_beyond_the_compared_change(tmp_path):
     done = run_compare(first, write_summary(tmp_path / 'b', SECOND, [4.0] * 4, **{**same, 'data': {**data, 'dir': '/b'}}))
     assert 'note:' not in done.stdout  # the same data in another folder is the same data
     other = write_summary(tmp_path / 'c', SECOND, [4.0] * 4, source_sha256='def',
-                          hyp={'opt': {'lr': 10.0, 'momentum': 0.85}, 'aug': {'flip': True}},
+                          hyp={'opt': {'lr': 10.0, 'momentum': 0.85, 'muon_lr': 0.24}, 'aug': {'flip': True}},
                           data={**data, 'train_pixel_sum': 99})
     done = run_compare(first, other)
     [note] = [line for line in done.stdout.splitlines() if line.startswith('note:')]
-    assert note == 'note: 2 differs from 1 in recipe source; hyp (opt.lr); data (train_pixel_sum)'
+    assert note == 'note: 2 differs from 1 in recipe source; hyp (opt.lr, opt.muon_lr); data (train_pixel_sum)'
     done = run_compare(first, write_summary(tmp_path / 'd', SECOND, [4.0] * 4))  # an older log: nothing to tell
     assert 'note:' not in done.stdout
 

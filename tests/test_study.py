@@ -16,7 +16,7 @@ import torch
 
 import study
 from conftest import (RECIPES, ROOT, assert_one_line, assert_shareable, failed_study, only_log, read_summary, run_main,
-                      signal_after_first_run, study_args)
+                      signal_after_first_run, study_args, tiny_overrides)
 
 SEEDED = ('--seed', '7', '--set', 'opt.label_smoothing = 0.1')  # spaces: the logged command must quote them
 
@@ -70,6 +70,9 @@ def test_study_log_contents(airbench94, two_runs):
     assert summary['std'] == pytest.approx(abs(accs[0] - accs[1]) / math.sqrt(2))
     assert summary['torch'] == torch.__version__ and summary['device'] == 'cpu'
     assert summary['data']['train_images'] == 256 and summary['data']['test_images'] == 128
+    for split, train in (('train', True), ('test', False)):  # the sums tell two data sets of one size apart
+        images = airbench94.load_cifar10(summary['data']['dir'], train)['images']
+        assert summary['data'][f'{split}_pixel_sum'] == int(images.sum(dtype=torch.int64))
     assert shlex.split(summary['command']) == ['study.py', *summary['argv']] and 'code' not in summary
     log = torch.load(os.path.join(folder, 'log.pt'), weights_only=True)
     with open(airbench94.__file__) as file:
@@ -177,12 +180,15 @@ def test_every_recipe_hyp_passes_the_checks(name):
     (['--runs', '0'], '--runs must be at least 1'),
     (['--runs', 'many'], "invalid int value: 'many'"),
     (['--device', 'tpu'], "unknown device 'tpu'"),
-    (['--data-dir', '/no/such/folder'], '--data-dir /no/such/folder is not a folder'),
+    (['--data-dir', 'TMP/no/such/folder'], '--data-dir TMP/no/such/folder is not a folder'),
     (['--data-dir', os.path.join(ROOT, 'study.py')], 'is not a folder'),
 ])
 def test_bad_arguments_fail_in_one_line(airbench94, tiny_data, tmp_path, capsys, args, message):
+    """TMP: a folder of the test's own, so that a bug that creates the mistyped folder leaves no trace."""
+    args, message = [arg.replace('TMP', str(tmp_path)) for arg in args], message.replace('TMP', str(tmp_path))
     status, err = failed_study(airbench94, capsys, tiny_data, tmp_path, *args)
     assert status in (1, 2) and message in err
+    assert not (tmp_path / 'no').exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason='this machine has CUDA')
@@ -200,6 +206,19 @@ def test_cuda_study_warms_up_first(airbench94, tiny_data, tmp_path, capsys):
     status, out, _ = run_main(study, capsys, *study_args(airbench94, tiny_data, tmp_path / 'no', '--runs', '1',
                                                          '--no-warmup', device='cuda'))
     assert status == 0 and 'warm-up' not in out and out.count(' eval |') == 1
+
+
+@pytest.mark.parametrize('skip', [False, True])
+def test_the_recipes_warmup_runs_once_unless_skipped(airbench94, tiny_data, tmp_path, capsys, monkeypatch, skip):
+    """On the CPU too: a recipe that compiles there warms up there. --no-warmup skips it."""
+    calls = []
+    monkeypatch.setattr(airbench94, 'warmup', lambda hyp, loader, device, verbose: calls.append((hyp, device)))
+    status, _, _ = run_main(study, capsys, *study_args(airbench94, tiny_data, tmp_path, '--runs', '2',
+                                                       *['--no-warmup'] * skip))
+    assert status == 0 and len(calls) == (0 if skip else 1)
+    for hyp, device in calls:  # the study's hyp, on the study's device
+        assert hyp['opt']['batch_size'] == tiny_overrides(airbench94)['opt.batch_size']
+        assert device == torch.device('cpu')
 
 
 def test_missing_data_offline(airbench94, tmp_path, capsys, monkeypatch):

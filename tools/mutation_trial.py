@@ -1,13 +1,15 @@
 """The mutation trial of the suite (issue 14): plausible one-line bugs, each applied alone to a copy of
-the repository, and the fast tests (no CIFAR10_DIR) that concern the mutated recipe run on it. A
-mutant that no test fails survives. Not part of CI: it takes about an hour, on one core.
+the repository, and the fast tests (no CIFAR10_DIR) that concern the mutated file run on it. A
+mutant that no test fails survives. Not part of CI: the recipes take about an hour, on one core,
+study.py's and compare.py's 45 mutants about 50 minutes more (torchrun's tests, which run first).
 
-    python tools/mutation_trial.py [RECIPE ...] [--json results.json] [--confirm-survivors]
+    python tools/mutation_trial.py [RECIPE | study | compare ...] [--json results.json] [--confirm-survivors]
 
 For each recipe it runs the tests parametrized with it plus its own tests (OWN_TESTS), never those
 in NOT_RUN: the test that compares airbench94 with airbench94_compiled (a bug in both copies passes
 it) and those of diff bounds and line budgets, so a kill must come from a test that pins the
-recipe's arithmetic or behaviour itself. With --confirm-survivors, a survivor is
+recipe's arithmetic or behaviour itself. study.py and compare.py get their own tests only (the
+study tests, then torchrun's; compare's). With --confirm-survivors, a survivor is
 then run against the whole fast suite (minutes each). Prints one markdown table per recipe.
 """
 import argparse
@@ -33,6 +35,8 @@ OWN_TESTS = {  # tests that import the recipe themselves, beyond those parametri
     'airbench94_muon': ['tests/test_muon.py'],
     'airbench94_hive': ['tests/test_hive.py'],
     'cifar94_simple': ['tests/test_simple.py'],
+    'study': ['tests/test_study.py', 'tests/test_distributed.py'],  # the quick ones first
+    'compare': ['tests/test_compare.py'],
 }
 
 # (what the bug is, the line as it is, the line with the bug), tried on every airbench script
@@ -205,11 +209,90 @@ OWN = {
     ],
 }
 
+OWN['study'] = [
+    ('run seeds ignore the run', "f'{base_seed}:{run}'", "f'{base_seed}'"),
+    ('every run seeded with the base seed', '    torch.manual_seed(seed)\n', '    torch.manual_seed(base_seed)\n'),
+    ("a run's loader built before its seed",
+     '    torch.manual_seed(seed)\n    _, result = recipe.train(study_hyp, make_train_loader(),',
+     '    loader = make_train_loader()\n    torch.manual_seed(seed)\n    _, result = recipe.train(study_hyp, loader,'),
+    ('every rank trains the first run of each round', 'run, outcome = first_run + ranks.rank, None',
+     'run, outcome = first_run, None'),
+    ("rank 1's runs never logged", 'enumerate(outcomes[1:] if ranks.rank == 0', 'enumerate(outcomes[2:] if ranks.rank == 0'),
+    ('each rank keeps its own random seed', 'args.seed)[0]', 'args.seed)[ranks.rank]'),
+    ('std divides by n', "stats['std'] = math.sqrt(sum((a - stats['mean']) ** 2 for a in accs) / (n - 1))",
+     "stats['std'] = math.sqrt(sum((a - stats['mean']) ** 2 for a in accs) / n)"),
+    ("the interval uses the normal's 1.96", "half_width = t_critical(n - 1) * stats['std']",
+     "half_width = 1.96 * stats['std']"),
+    ("Student's t series of odd df off", 'term * cos2 * 2 * j / (2 * j + 1)', 'term * cos2 * 2 * j / (2 * j - 1)'),
+    ('an int override of a float entry rejected', 'float(value) if type(old) is float and type(value) is int else value',
+     'value'),
+    ('override types never checked', 'if type(node[leaf]) is not type(old) and not same_kind:', 'if False:'),
+    ('--set values kept as strings', 'overrides[key.strip()] = ast.literal_eval(text.strip())',
+     'overrides[key.strip()] = text.strip()'),
+    ('checks skip the leaves under a key', "if key == prefix or key.startswith(prefix + '.'):", 'if key == prefix:'),
+    ('translations up to 40 pass', "(lambda v: 0 <= v <= 31, 'between 0 and 31 pixels",
+     "(lambda v: 0 <= v <= 40, 'between 0 and 31 pixels"),
+    ('a run logged only at the end', '        self.results.append(result)\n        try:\n            self.write()\n',
+     '        self.results.append(result)\n        try:\n            pass\n'),
+    ('a run the disk refused still counted', '            self.results.pop()\n', ''),
+    ('log files renamed into place one by one (not atomically)',
+     "  # the permissions of any new file, not mkstemp's 0600\n                write(file)\n",
+     "\n                write(file)\n            os.replace(temporaries.pop(path), path)\n"),
+    ('a stopped study marked complete', "log.close('interrupted')", "log.close('complete')"),
+    ('a finished study left running', "log.close('complete')  # a full disk", "log.close('running')  # a full disk"),
+    ('SIGTERM not handled', 'signal.signal(signal.SIGTERM, stop)  # torchrun', 'pass  # torchrun'),
+    ('a stopped study exits 1', 'status = 128 + signal.Signals[signal_name]', 'status = 1'),
+    ('a second signal can cut the last write', '        hold_signals()  # a second Ctrl-C',
+     '        pass  # a second Ctrl-C'),
+    ("a lost rank gives gloo's traceback", '        except RuntimeError as exc:  # gloo',
+     '        except ValueError as exc:  # gloo'),
+    ('a lone failing rank ignored', '    if errors:\n        raise StudyFailed',
+     '    if len(errors) > 1:\n        raise StudyFailed'),
+    ('gather timeout of ten minutes', 'GATHER_TIMEOUT = datetime.timedelta(hours=24)',
+     'GATHER_TIMEOUT = datetime.timedelta(minutes=10)'),
+    ('results logged as the recipe returned them', '            entry[key] = float(entry[key])',
+     '            entry[key] = entry[key]'),
+    ('a mistyped --data-dir accepted',
+     "if os.path.isfile(data_dir) or (not os.path.isdir(data_dir) and data_dir != 'cifar10'):",
+     'if os.path.isfile(data_dir):'),
+    ('CUDA asked for without CUDA accepted', "    if device.type == 'cuda' and not torch.cuda.is_available():\n", '    if False:\n'),
+    ('an edited copy mistaken for the imported recipe of its name',
+     "if os.path.abspath(path) == os.path.abspath(getattr(loaded, '__file__', None) or '.'):", 'if loaded is not None:'),
+    ('--no-warmup ignored', "if hasattr(recipe, 'warmup') and not args.no_warmup and own_runs:",
+     "if hasattr(recipe, 'warmup') and own_runs:"),
+    ("the test data's fingerprint left out", "'test_pixel_sum': int(test_loader.images.sum(dtype=torch.int64))}",
+     "'test_pixel_sum': 0}"),
+]
+OWN['compare'] = [
+    ("Welch's degrees of freedom pooled", "df = (va + vb) ** 2 / (va ** 2 / (a['n'] - 1) + vb ** 2 / (b['n'] - 1))",
+     "df = a['n'] + b['n'] - 2"),
+    ('difference of means the wrong way round', "difference = b['mean'] - a['mean']", "difference = a['mean'] - b['mean']"),
+    ('p-value one-sided', "'p': t_two_sided_p(difference / standard_error, df)}",
+     "'p': t_two_sided_p(difference / standard_error, df) / 2}"),
+    ('std divides by n', 'std = math.sqrt(sum((a - mean) ** 2 for a in accuracies) / (n - 1))',
+     'std = math.sqrt(sum((a - mean) ** 2 for a in accuracies) / n)'),
+    ("the incomplete beta's mirror not subtracted from 1", 'return 1 - incomplete_beta(b, a, 1 - x)',
+     'return incomplete_beta(b, a, 1 - x)'),
+    ("a study's interval with n degrees of freedom", 'half_width = t_critical(n - 1) * std / math.sqrt(n)',
+     'half_width = t_critical(n) * std / math.sqrt(n)'),
+    ('a different recipe source not noted', "        found.append('recipe source')\n", '        pass\n'),
+    ('a hyp key only one study has not noted', "if a.get(key, '?') != b.get(key, '?')",
+     'if key in a and key in b and a[key] != b[key]'),
+    ('the data folder counted as a data difference', "if key != 'dir'}", 'if True}'),
+    ('a study of one run aborts the comparison', "min(study['n'] for study in studies) < 2",
+     "min(study['n'] for study in studies) < 1"),
+    ('time ratio inverted', 'second["mean_time"] / first["mean_time"]', 'first["mean_time"] / second["mean_time"]'),
+    ('any format accepted', 'if found != LOG_FORMAT:', 'if found is None:'),
+    ('runs without accuracies accepted',
+     "isinstance(run, dict) and isinstance(run.get('tta_val_acc'), (int, float))", 'isinstance(run, dict)'),
+    ('no arguments exits 0', 'return 0 if argv else 2', 'return 0'),
+]
+
 
 def mutants_of(name):
     with open(os.path.join(ROOT, f'{name}.py'), encoding='utf-8') as file:
         source = file.read()
-    generic = [m for m in GENERIC if name != 'cifar94_simple' and m[1] in source]
+    generic = [m for m in GENERIC if name in AIRBENCH and m[1] in source]
     if name != 'airbench94':
         generic = [m for m in generic if m[0] in SAMPLE]
     if len(OWN.get(name, [])) >= 12:  # bugs enough of its own: only the generic ones the issue names first
@@ -232,9 +315,12 @@ def selected_tests(work, name):
                             capture_output=True, text=True, check=True).stdout.splitlines()
     ids = [i for i in listed if '::' in i and not any(test in i for test in NOT_RUN)]
     own = OWN_TESTS.get(name, [])
-    # Ordered so that most mutants die early: the arithmetic tests, the recipe's own, then the rest.
     ours = [i for i in ids if name in re.split(r'[\[\]-]', i.partition('[')[2]) or any(i.startswith(o) for o in own)]
-    return sorted(ours, key=lambda i: (not i.startswith('tests/test_arithmetic.py'), not any(i.startswith(o) for o in own)))
+
+    def order(test):  # most mutants die early: arithmetic tests, then the file's own (OWN_TESTS's order)
+        return (not test.startswith('tests/test_arithmetic.py'),
+                next((n for n, o in enumerate(own) if test.startswith(o)), len(own)))
+    return sorted(ours, key=order)
 
 
 def first_failure(work, tests):
@@ -244,6 +330,9 @@ def first_failure(work, tests):
     failed = re.findall(r'^(?:FAILED|ERROR) (\S+)', run.stdout, re.MULTILINE)
     if run.returncode == 0:
         return None
+    # A test that sends itself a signal, on a mutant whose handler lets it through, stops pytest itself.
+    if not failed and (stopped := re.search(r'^\S*?(tests/\S+\.py:\d+): KeyboardInterrupt$', run.stdout, re.MULTILINE)):
+        return f'{stopped.group(1)} (a KeyboardInterrupt stopped pytest)'
     if not failed:  # no test failed, yet pytest did not succeed: it could not run them
         sys.exit(f'pytest exited {run.returncode} in {work}:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}')
     return failed[0]
@@ -251,7 +340,7 @@ def first_failure(work, tests):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('recipes', nargs='*', default=AIRBENCH + ['cifar94_simple'])
+    parser.add_argument('recipes', nargs='*', default=AIRBENCH + ['cifar94_simple', 'study', 'compare'])
     parser.add_argument('--json', help='also write the results here')
     parser.add_argument('--confirm-survivors', action='store_true', help='run the whole fast suite on each survivor')
     args = parser.parse_args()
