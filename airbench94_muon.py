@@ -584,7 +584,7 @@ def main(argv=None):
                         help='cuda, cuda:N or cpu (default: %(default)s; the CPU is hundreds of times slower)')
     args = parser.parse_args(argv)
     previous_handler = signal.signal(signal.SIGTERM, stop)  # as Ctrl-C: the finished runs are kept
-    folder, results = None, []
+    folder, results, saved = None, [], 0  # saved: how many runs the log on disk holds
     try:
         if args.runs < 1:
             raise UserError(f'--runs must be at least 1, not {args.runs}')
@@ -607,9 +607,8 @@ def main(argv=None):
         for run in range(args.runs):
             seed = torch.seed()  # logged, so that any run can be repeated
             loader = CifarLoader(args.data_dir, True, hyp['opt']['batch_size'], hyp['aug'], device=device)
-            result = {'run': run, 'seed': seed, **train(hyp, loader, None, device, run=run)[1]}
-            write_log(folder, info, results + [result])  # a run counts once it is on disk
-            results.append(result)
+            results.append({'run': run, 'seed': seed, **train(hyp, loader, None, device, run=run)[1]})
+            saved = write_log(folder, info, results)['n']  # a signal that cuts this short: rewritten below
         summary = write_log(folder, {**info, 'status': 'complete'}, results)
         print(f'{name}: {summary["n"]} run{"s" * (summary["n"] > 1)}, mean TTA accuracy {100 * summary["mean"]:.2f}%, '
               f'std {100 * (summary["std"] or 0):.2f}, mean time {summary["mean_time_seconds"]:.3f} s; log {folder}')
@@ -618,8 +617,8 @@ def main(argv=None):
         message = f'interrupted ({str(exc) or "SIGINT"})' if interrupted else f'error: {exc}'
         if folder and os.path.isdir(folder):
             with contextlib.suppress(UserError, KeyboardInterrupt):  # a second signal cuts only this write
-                write_log(folder, {**info, 'status': 'interrupted' if interrupted else 'failed'}, results)
-            message += f'; {len(results)} finished run(s) kept in {folder}'
+                saved = write_log(folder, {**info, 'status': 'interrupted' if interrupted else 'failed'}, results)['n']
+            message += f'; {saved} finished run(s) kept in {folder}'
         print(f'{name}.py: {message}', file=sys.stderr)
         sys.exit(128 + signal.Signals[str(exc) or 'SIGINT'] if interrupted else 1)
     finally:

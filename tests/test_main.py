@@ -117,6 +117,28 @@ def test_sigterm_ends_the_record_attempt_as_ctrl_c_does(tiny_recipe, tiny_data, 
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # main put the handler back
 
 
+@pytest.mark.parametrize('moment', ['while', 'after'])
+def test_a_signal_at_the_write_of_a_finished_run_keeps_it(moment, tiny_recipe, tiny_data, tmp_path, capsys,
+                                                          monkeypatch):
+    """SIGTERM while run 0's log is being written, or just after the write returns (the moment a real
+    signal once hit in CI): the closing rewrite still holds run 0, and the message counts it."""
+    real_write_log = tiny_recipe.write_log
+
+    def write_log(folder, info, results):
+        at_run_0 = info['status'] == 'running' and len(results) == 1
+        if at_run_0 and moment == 'while':
+            os.kill(os.getpid(), signal.SIGTERM)
+        summary = real_write_log(folder, info, results)
+        if at_run_0 and moment == 'after':
+            os.kill(os.getpid(), signal.SIGTERM)
+        return summary
+    monkeypatch.setattr(tiny_recipe, 'write_log', write_log)
+    status, _, err = run_main(tiny_recipe, capsys, '--runs', '3', '--data-dir', tiny_data, '--device', 'cpu')
+    summary = read_summary(only_log(tmp_path / 'logs', tiny_recipe.__name__))
+    assert status == 143 and 'interrupted (SIGTERM); 1 finished run(s) kept in' in err
+    assert summary['status'] == 'interrupted' and summary['n'] == 1
+
+
 def test_a_second_signal_while_the_log_is_marked(tiny_recipe, tiny_data, tmp_path, capsys, monkeypatch):
     """Another SIGTERM while the log is being marked interrupted (a scheduler's, after the user's
     Ctrl-C): still one line and status 143; the log keeps its last complete write, run 0 in it."""

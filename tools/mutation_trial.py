@@ -98,6 +98,11 @@ GENERIC = [
      'x = self.pool(self.activ(self.norm1(self.conv1(x))))'),
     ('gradients never zeroed', '                optimizer.zero_grad(set_to_none=True)\n', ''),
     ('logits not scaled', "scale=Scale(hyp_net['scaling_factor'])", 'scale=Scale(1.0)'),
+    ('a stop reports the runs in memory, not those on disk', "message += f'; {saved} finished run(s)",
+     "message += f'; {len(results)} finished run(s)"),
+    ('the closing rewrite holds only the runs known to be saved',
+     "'interrupted' if interrupted else 'failed'}, results)['n']",
+     "'interrupted' if interrupted else 'failed'}, results[:saved])['n']"),
 ]
 
 # What the base recipe, airbench94, gets in full; its siblings share these lines, and get this sample
