@@ -27,7 +27,7 @@ Usage
 """
 
 import argparse, collections, contextlib, copy, datetime, hashlib, io, json, math, os, signal, sys, tarfile, time
-import pathlib, statistics, urllib.request
+import pathlib, statistics, traceback, urllib.request
 
 import torch
 import torch.nn.functional as F
@@ -565,7 +565,10 @@ def main(argv=None):
         summary = write_log(folder, {**info, 'status': 'complete'}, results)
         print(f'{name}: {summary["n"]} run{"s" * (summary["n"] > 1)}, mean TTA accuracy {100 * summary["mean"]:.2f}%, '
               f'std {100 * (summary["std"] or 0):.2f}, mean time {summary["mean_time_seconds"]:.3f} s; log {folder}')
-    except (UserError, KeyboardInterrupt) as exc:
+    except (Exception, KeyboardInterrupt) as exc:  # Exception: a UserError, or a bug or e.g. out of memory
+        if not isinstance(exc, (UserError, KeyboardInterrupt)):
+            traceback.print_exc()  # a bug's traceback matters; the line after it still says where the runs are
+            exc = UserError(first_line(exc))
         interrupted = isinstance(exc, KeyboardInterrupt)
         message = f'interrupted ({str(exc) or "SIGINT"})' if interrupted else f'error: {exc}'
         if folder and os.path.isdir(folder):

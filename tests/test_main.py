@@ -93,6 +93,26 @@ def test_full_disk_keeps_the_last_complete_log(tiny_recipe, tiny_data, tmp_path,
     assert_shareable(os.path.join(folder, 'log.pt'), os.path.join(folder, 'summary.json'))
 
 
+def test_an_unforeseen_error_marks_the_log_failed(tiny_recipe, tiny_data, tmp_path, capsys, monkeypatch):
+    """Out of memory in run 1 (or a bug in an edited copy): its traceback, then one line that says
+    where run 0 is kept; the log is marked failed, not left running."""
+    real_train = tiny_recipe.train
+
+    def train(*args, **kwargs):
+        if kwargs.get('run') == 1:
+            raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail')
+        return real_train(*args, **kwargs)
+    monkeypatch.setattr(tiny_recipe, 'train', train)
+    status, _, err = run_main(tiny_recipe, capsys, '--runs', '3', '--data-dir', tiny_data, '--device', 'cpu')
+    folder = only_log(tmp_path / 'logs', tiny_recipe.__name__)
+    traceback_text, last_line = err.rstrip('\n').rsplit('\n', 1)
+    assert status == 1 and traceback_text.startswith('Traceback') and 'more detail' in traceback_text
+    assert last_line == (f'{tiny_recipe.__name__}.py: error: OutOfMemoryError: CUDA out of memory. Tried to '
+                         f'allocate 2.00 GiB; 1 finished run(s) kept in {os.path.relpath(folder, tmp_path)}')
+    summary = read_summary(folder)
+    assert summary['status'] == 'failed' and summary['n'] == 1
+
+
 def terminated_in_run_1(recipe, monkeypatch, capsys, data_dir, log_dir):
     """The record attempt, --runs 5, with a SIGTERM delivered to this very process in run 1:
     (exit status, stderr, summary)."""

@@ -48,11 +48,13 @@ def test_sibling_stays_within_its_diff_bound(name):
 
 AIRBENCH = [name for name in RECIPES if name.startswith('airbench')]
 # Lines a recipe may have: DESIGN.md's 600 (the paper's scripts have 450-711). muon adds its
-# optimizer to airbench94_compiled (585 lines), faster its data filter and the compilation cache to
-# airbench96 (574), and hive its jitter, selective TTA and batched Muon to muon (within 220 changed
+# optimizer to airbench94_compiled (588 lines), faster its data filter and the compilation cache to
+# airbench96 (577), and hive its jitter, selective TTA and batched Muon to muon (within 220 changed
 # lines); no cut found left them readable within 600: their budgets hold them at their present
-# length, so that a line more has to be argued for here.
-LINE_BUDGET = {'airbench94_muon': 632, 'airbench96_faster': 651, 'airbench94_hive': 659}
+# length, so that a line more has to be argued for here. Argued so far: 3 lines in every recipe's
+# main (2026-12-02) so that an unforeseen error (out of memory, a bug in an edited copy) marks the
+# log failed, as study.py does, instead of leaving it running.
+LINE_BUDGET = {'airbench94_muon': 635, 'airbench96_faster': 654, 'airbench94_hive': 662}
 
 
 @pytest.mark.parametrize('name', AIRBENCH)

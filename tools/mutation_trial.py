@@ -103,6 +103,8 @@ GENERIC = [
     ('the closing rewrite holds only the runs known to be saved',
      "'interrupted' if interrupted else 'failed'}, results)['n']",
      "'interrupted' if interrupted else 'failed'}, results[:saved])['n']"),
+    ('a bug or out of memory leaves the log running', '    except (Exception, KeyboardInterrupt) as exc:',
+     '    except (UserError, KeyboardInterrupt) as exc:'),
 ]
 
 # What the base recipe, airbench94, gets in full; its siblings share these lines, and get this sample
