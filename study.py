@@ -330,20 +330,20 @@ class StudyLog:
                              f'give a writable --log-dir') from None
         with open(recipe.__file__, encoding='utf-8') as file:
             self.source = file.read()
-        self.results = []
+        self.results, self.saved = [], 0
         self.info = {'format': LOG_FORMAT, 'script': recipe.recipe_name + '.py', 'status': 'running',
                      'recipe_path': os.path.abspath(recipe.__file__), 'started': stamp,
                      'source_sha256': hashlib.sha256(self.source.encode()).hexdigest(), **info}
         self.write()
 
-    def add(self, result):
-        """Logs a finished run. Kept even when a signal stops the write (the final rewrite holds it);
-        dropped only when the disk refuses it."""
-        self.results.append(result)
+    def add(self, *results):
+        """Logs finished runs in one write. Kept even when a signal stops it (the final rewrite holds them);
+        dropped only when the disk refuses them."""
+        self.results.extend(results)
         try:
             self.write()
         except StudyError:
-            self.results.pop()
+            del self.results[len(self.results) - len(results):]
             raise
 
     def close(self, status):
@@ -365,6 +365,7 @@ class StudyLog:
                           os.path.join(self.dir, 'log.pt'): lambda file: torch.save(log, file)})
         except OSError as exc:  # a full disk: both files keep their last complete write
             raise StudyError(f'cannot write the log ({first_line(exc)})') from None
+        self.saved = len(summary['runs'])  # what the files hold, which a stop reports
 
 
 def data_fingerprint(train_loader, test_loader):
@@ -565,12 +566,14 @@ def run_study(args, argv, ranks, state):
         if ranks.rank == 0 and outcome is not None and 'error' not in outcome:
             log.add(outcome)  # before the gather, which a dying rank breaks
         outcomes = ranks.gather(outcome)
-        for rank, finished in enumerate(outcomes[1:] if ranks.rank == 0 else [], 1):
-            if finished is not None and 'error' not in finished:
-                log.add(finished)
-                print(f'{name}: run {finished["run"]} (rank {rank}): TTA accuracy '
+        others = [finished for finished in outcomes[1:] if finished is not None and 'error' not in finished]
+        if ranks.rank == 0 and others:
+            log.add(*others)  # one write for the round: a signal cannot keep some of its runs and drop the rest
+            for finished in others:
+                print(f'{name}: run {finished["run"]} (rank {finished["rank"]}): TTA accuracy '
                       f'{finished["tta_val_acc"]:.4f} in {finished["time_seconds"]:.3f} s', flush=True)
         stop_on_failures(outcomes)
+    hold_signals()  # every run is done: a signal now must not mark a complete study interrupted
     if ranks.rank == 0:
         log.close('complete')  # a full disk here is a failure: the log would still say running
         print(format_summary(name, log.summary()))
@@ -599,12 +602,12 @@ def main(argv=None):
     args = parse_args(argv)
     ranks = Ranks()
     state = {'errors': (StudyError,), 'log': None, 'name': 'study.py'}
-    previous_handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
-    signal.signal(signal.SIGTERM, stop)  # torchrun, schedulers, timeout, kill
+    hold_signals(False)
+    previous_handlers = {number: signal.signal(number, stop) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
         run_study(args, argv, ranks, state)
     except KeyboardInterrupt as exc:
-        hold_signals()  # a second Ctrl-C or SIGTERM must not cut the log's last write short
+        hold_signals()  # stop holds them already; a KeyboardInterrupt raised in a recipe does not
         log, signal_name = state['log'], str(exc) or 'SIGINT'
         status = 128 + signal.Signals[signal_name]
         if ranks.rank > 0:
@@ -613,14 +616,14 @@ def main(argv=None):
             fail(f'interrupted ({signal_name}) before the study started; nothing was logged', ranks, status)
         with contextlib.suppress(StudyError):  # then it keeps its last complete write
             log.close('interrupted')
-        fail(f'interrupted ({signal_name}); {len(log.results)} finished run(s) kept in {log.dir}', ranks, status)
+        fail(f'interrupted ({signal_name}); {log.saved} finished run(s) kept in {log.dir}', ranks, status)
     except Exception as exc:
-        hold_signals()
+        hold_signals()  # first: a signal from here on would escape this handler with a traceback
         log = state['log']
-        kept = '' if log is None else f'; {len(log.results)} finished run(s) kept in {log.dir}'
         if log is not None:
             with contextlib.suppress(StudyError):
                 log.close('failed')
+        kept = '' if log is None else f'; {log.saved} finished run(s) kept in {log.dir}'
         if not isinstance(exc, state['errors']):  # a bug or e.g. out of memory: the traceback matters
             traceback.print_exc()
             fail(kept[2:] if kept else 'stopped before the study started; nothing was logged', ranks)
@@ -638,14 +641,22 @@ def main(argv=None):
             ranks.close()
 
 
+signals_held = False  # once a study is stopping or done
+
+
 def stop(signum, frame):
-    """SIGTERM ends a study as Ctrl-C does: the log is marked and keeps every finished run."""
-    raise KeyboardInterrupt(signal.Signals(signum).name)
+    """Ctrl-C and SIGTERM (torchrun, schedulers, timeout, kill) end a study alike: the log is marked and
+    keeps every finished run. A signal once the study is stopping does nothing: it must not cut the
+    last write of the log short, nor escape the handler that makes it with a traceback. (SIG_IGN
+    would not do: a signal already pending then prints CPython's 'ignored due to race condition'.)"""
+    if not signals_held:
+        hold_signals()
+        raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
-def hold_signals():
-    for number in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(number, signal.SIG_IGN)
+def hold_signals(held=True):
+    global signals_held
+    signals_held = held
 
 
 def fail(message, ranks, status=1):

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -322,6 +323,115 @@ def test_a_second_signal_cannot_cut_the_last_write_short(airbench94, tiny_data, 
     assert status == 130 and 'interrupted (SIGINT); 1 finished run(s) kept' in err
     assert_one_line(err)
     assert summary['status'] == 'interrupted' and summary['n'] == 1
+
+
+def train_calling(recipe, monkeypatch, run, hook):
+    """recipe.train calls hook() at the start of run `run`."""
+    real_train = recipe.train
+
+    def train(*args, run=None, **kwargs):
+        if run == train_calling.run:
+            hook()
+        return real_train(*args, run=run, **kwargs)
+    train_calling.run = run
+    monkeypatch.setattr(recipe, 'train', train)
+
+
+def test_signals_that_arrive_together_end_the_study_as_the_first(airbench94, tiny_data, tmp_path, capsys,
+                                                                 monkeypatch):
+    """Ctrl-C and a scheduler's SIGTERM pending at once in run 1: the first (SIGINT, the lower number)
+    ends the study; the other is neither raised again mid-stop nor reported by CPython as a signal
+    'ignored due to race condition'."""
+    both = {signal.SIGINT, signal.SIGTERM}
+
+    def both_at_once():
+        signal.pthread_sigmask(signal.SIG_BLOCK, both)  # sent to this thread, they wait here together
+        for number in both:
+            signal.pthread_kill(threading.main_thread().ident, number)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, both)
+    train_calling(airbench94, monkeypatch, 1, both_at_once)
+    status, _, err = run_main(study, capsys, *study_args(airbench94, tiny_data, tmp_path, '--runs', '3'))
+    summary = read_summary(only_log(tmp_path, 'airbench94'))
+    assert status == 130 and 'interrupted (SIGINT); 1 finished run(s) kept' in err
+    assert_one_line(err)
+    assert summary['status'] == 'interrupted' and summary['n'] == 1
+
+
+def test_a_signal_once_every_run_is_done_leaves_the_study_complete(airbench94, tiny_data, tmp_path, capsys,
+                                                                   monkeypatch):
+    """SIGTERM as the finished study is marked complete: nothing is left to save, so it is finished as
+    if no signal had come."""
+    real_close = study.StudyLog.close
+
+    def close_during_a_signal(log, status):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_close(log, status)
+    monkeypatch.setattr(study.StudyLog, 'close', close_during_a_signal)
+    status, out, err = run_main(study, capsys, *study_args(airbench94, tiny_data, tmp_path, '--runs', '2'))
+    summary = read_summary(only_log(tmp_path, 'airbench94'))
+    assert status == 0 and err == '' and 'airbench94: 2 runs, mean TTA accuracy' in out
+    assert summary['status'] == 'complete' and summary['n'] == 2
+
+
+def test_a_stop_on_a_full_disk_counts_the_runs_the_disk_holds(airbench94, tiny_data, tmp_path, capsys,
+                                                              monkeypatch):
+    """SIGTERM cuts the write after run 1 short, and the disk is full for the rewrite that would mark
+    the log: the line says 1 run is kept, as the files on disk hold, not the 2 in memory."""
+    real_save, saves = torch.save, []
+
+    def save_signalled_then_full(obj, file, *args, **kwargs):
+        saves.append(obj)
+        if len(saves) == 3:  # the log at creation, after run 0, after run 1
+            os.kill(os.getpid(), signal.SIGTERM)
+        if len(saves) > 3:
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        return real_save(obj, file, *args, **kwargs)
+    monkeypatch.setattr(torch, 'save', save_signalled_then_full)
+    status, _, err = run_main(study, capsys, *study_args(airbench94, tiny_data, tmp_path, '--runs', '3'))
+    monkeypatch.setattr(torch, 'save', real_save)
+    summary = read_summary(only_log(tmp_path, 'airbench94'))
+    assert status == 143 and 'interrupted (SIGTERM); 1 finished run(s) kept' in err
+    assert_one_line(err)
+    assert summary['n'] == 1 and summary['status'] == 'running' and len(saves) == 4
+
+
+class RankZeroOfThree(study.Ranks):
+    """Rank 0 of a three-rank study, alone in this process: in each round, ranks 1 and 2 'finish' the
+    two runs after rank 0's."""
+
+    def __init__(self):
+        super().__init__({'RANK': '0', 'WORLD_SIZE': '3', 'LOCAL_RANK': '0'})
+
+    def connect(self, device):
+        pass
+
+    def gather(self, value):
+        if isinstance(value, dict) and 'run' in value:
+            return [value] + [{**value, 'run': value['run'] + rank, 'rank': rank} for rank in (1, 2)]
+        return [value] * self.size
+
+    def close(self):
+        pass
+
+
+def test_a_signal_while_a_round_is_logged_keeps_every_rank_s_run(airbench94, tiny_data, tmp_path, capsys,
+                                                                  monkeypatch):
+    """SIGTERM while rank 0 logs the runs ranks 1 and 2 finished: both are kept, not only the first."""
+    monkeypatch.setattr(study, 'Ranks', RankZeroOfThree)
+    real_write = study.StudyLog.write
+
+    def write_during_a_signal(log, results=None):
+        if len(log.results) > 1 and not write_during_a_signal.sent:
+            write_during_a_signal.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_write(log, results)
+    write_during_a_signal.sent = False
+    monkeypatch.setattr(study.StudyLog, 'write', write_during_a_signal)
+    status, _, err = run_main(study, capsys, *study_args(airbench94, tiny_data, tmp_path, '--runs', '6'))
+    summary = read_summary(only_log(tmp_path, 'airbench94'))
+    assert status == 143 and 'rank 0: interrupted (SIGTERM); 3 finished run(s) kept' in err
+    assert_one_line(err)
+    assert summary['status'] == 'interrupted' and [run['run'] for run in summary['runs']] == [0, 1, 2]
 
 
 def test_run_results_are_logged_as_numbers(airbench94, tiny_data, tmp_path, capsys, monkeypatch):
