@@ -79,8 +79,6 @@ hyp = {
     },
 }
 
-TEST_BATCH_SIZE = 2000  # evaluation only: any size gives the same predictions
-
 class UserError(Exception):
     """A problem the user can fix; the message says how. main() prints it as one line."""
 
@@ -98,8 +96,7 @@ def default_data_dir():
     return os.environ.get('CIFAR10_DIR') or 'cifar10'
 
 def precision_for(device):
-    """The one place dtype and memory layout are chosen: fp16 channels-last on CUDA as in the paper,
-    fp32 in the usual layout on the CPU (which has no fast fp16 convolutions)."""
+    """The one place dtype and layout are chosen: fp16 channels-last on CUDA (paper); fp32 on the CPU (no fast fp16)."""
     cuda = torch.device(device).type == 'cuda'
     return (torch.float16, torch.channels_last) if cuda else (torch.float32, torch.contiguous_format)
 
@@ -316,8 +313,7 @@ def compiles(hyp_net, device):
 def compiled_net(hyp_net, device):
     """(model, forward, loss_function, orthogonalize): a fresh network, its forward, forward_loss and newton_schulz,
     compiled once per process and architecture; later calls copy fresh weights into the tensors that the compiled code
-    and its CUDA graphs use. Newton-Schulz compiles in inductor's default mode: CUDA graphs would gain little on a
-    function called once a step. Where nothing is compiled: the model twice, forward_loss and newton_schulz."""
+    and its CUDA graphs use. Newton-Schulz, called once a step, compiles in default mode: no CUDA graphs."""
     fresh = place_on(make_net(hyp_net), device)
     if not compiles(hyp_net, device):
         return fresh, fresh, forward_loss, newton_schulz
@@ -397,8 +393,7 @@ class Muon(torch.optim.Optimizer):
             for weight in group['params']:
                 if weight.grad is None:
                     continue
-                state = self.state[weight]
-                if 'momentum_buffer' not in state:
+                if 'momentum_buffer' not in (state := self.state[weight]):
                     state['momentum_buffer'] = torch.zeros_like(weight.grad)
                 buffer = state['momentum_buffer'].mul_(group['momentum']).add_(weight.grad)
                 direction = weight.grad.add(buffer, alpha=group['momentum'])
@@ -512,7 +507,7 @@ def train(hyp=hyp, train_loader=None, test_loader=None, device=None, run=None, v
         train_loader = CifarLoader(None, True, opt['batch_size'], hyp['aug'], device=device)
     device = torch.device(device or train_loader.device)
     if test_loader is None:
-        test_loader = CifarLoader(train_loader.data_dir, False, TEST_BATCH_SIZE, device=device)
+        test_loader = CifarLoader(train_loader.data_dir, False, 2000, device=device)  # any size predicts the same
     total_steps = math.ceil(len(train_loader) * opt['train_epochs'])
     if total_steps == 0:
         raise UserError(f'{len(train_loader.images)} training images make no full batch of '
@@ -583,8 +578,7 @@ def warmup(hyp=hyp, train_loader=None, device=None, verbose=True):
 #############################################
 
 def write_log(folder, info, results):
-    """log.pt (all, with this script's source) and summary.json (all but the source) in study.py's format, renamed
-    into place together (see atomic_write): a full disk leaves both at the last complete write."""
+    """log.pt (all, with this script's source) and summary.json (all but it) in study.py's format, via atomic_write."""
     code = pathlib.Path(__file__).read_text(encoding='utf-8')
     accs, times = [result['tta_val_acc'] for result in results], [result['time_seconds'] for result in results]
     summary = {**info, 'source_sha256': hashlib.sha256(code.encode()).hexdigest(), 'n': len(accs),
@@ -610,7 +604,8 @@ def main(argv=None):
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
                         help='cuda, cuda:N or cpu (default: %(default)s; the CPU is hundreds of times slower)')
     args = parser.parse_args(argv)
-    previous_handler = signal.signal(signal.SIGTERM, stop)  # as Ctrl-C: the finished runs are kept
+    previous_handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGTERM, stop)  # as Ctrl-C: the finished runs are kept
     folder, results, saved = None, [], 0  # saved: how many runs the log on disk holds
     try:
         if args.runs < 1:
@@ -640,19 +635,22 @@ def main(argv=None):
         print(f'{name}: {summary["n"]} run{"s" * (summary["n"] > 1)}, mean TTA accuracy {100 * summary["mean"]:.2f}%, '
               f'std {100 * (summary["std"] or 0):.2f}, mean time {summary["mean_time_seconds"]:.3f} s; log {folder}')
     except (Exception, KeyboardInterrupt) as exc:  # Exception: a UserError, or a bug or e.g. out of memory
+        for number in previous_handlers:  # a second Ctrl-C or SIGTERM must not cut the log's last write short
+            signal.signal(number, signal.SIG_IGN)
         if not isinstance(exc, (UserError, KeyboardInterrupt)):
             traceback.print_exc()  # a bug's traceback matters; the line after it still says where the runs are
             exc = UserError(first_line(exc))
         interrupted = isinstance(exc, KeyboardInterrupt)
         message = f'interrupted ({str(exc) or "SIGINT"})' if interrupted else f'error: {exc}'
         if folder and os.path.isdir(folder):
-            with contextlib.suppress(UserError, KeyboardInterrupt):  # a second signal cuts only this write
+            with contextlib.suppress(UserError):  # a full disk: the log keeps its last complete write
                 saved = write_log(folder, {**info, 'status': 'interrupted' if interrupted else 'failed'}, results)['n']
             message += f'; {saved} finished run(s) kept in {folder}'
         print(f'{name}.py: {message}', file=sys.stderr)
         sys.exit(128 + signal.Signals[str(exc) or 'SIGINT'] if interrupted else 1)
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
+        for number, handler in previous_handlers.items():
+            signal.signal(number, handler)
 
 def stop(signum, frame):
     """SIGTERM (a scheduler, timeout, kill) ends a study as Ctrl-C does."""

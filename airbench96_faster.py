@@ -1,5 +1,4 @@
-"""airbench96_faster.py: the 96% record since the paper, training only on the examples a small
-proxy network finds hardest.
+"""airbench96_faster.py: the 96% record since the paper, training only on the examples a proxy network finds hardest.
 
 Published
     96.00% mean accuracy with TTA, n=200, 27.3 s per run on an NVIDIA A100, 3.1 PFLOPs (airbench
@@ -82,8 +81,6 @@ hyp = {
     },
 }
 
-TEST_BATCH_SIZE = 2000  # evaluation only: any size gives the same predictions
-
 class UserError(Exception):
     """A problem the user can fix; the message says how. main() prints it as one line."""
 
@@ -101,8 +98,7 @@ def default_data_dir():
     return os.environ.get('CIFAR10_DIR') or 'cifar10'
 
 def precision_for(device):
-    """The one place dtype and memory layout are chosen: fp16 channels-last on CUDA as in the paper,
-    fp32 in the usual layout on the CPU (which has no fast fp16 convolutions)."""
+    """The one place dtype and layout are chosen: fp16 channels-last on CUDA (paper); fp32 on the CPU (no fast fp16)."""
     cuda = torch.device(device).type == 'cuda'
     return (torch.float16, torch.channels_last) if cuda else (torch.float32, torch.contiguous_format)
 
@@ -328,9 +324,8 @@ def compiles(hyp_net, device):
     return torch.device(device).type == 'cuda' or hyp_net['compile_on_cpu']
 
 def compiled_net(hyp_net, device, proxy=False):
-    """(model, train_bias, freeze_bias): a fresh network (or the proxy) and its two compiled variants, compiled once
-    per process and architecture; later calls copy fresh weights into the tensors that the compiled code and its CUDA
-    graphs use. Where nothing is compiled, all three are the model."""
+    """(model, train_bias, freeze_bias): a fresh network (or the proxy) and its two compiled variants, compiled once per
+    process and architecture; later calls copy fresh weights into the tensors the compiled code and CUDA graphs use."""
     fresh = place_on(make_net(hyp_net, proxy), device)
     if not compiles(hyp_net, device):
         return fresh, fresh, fresh
@@ -460,9 +455,8 @@ def print_row(cells, head=False, rule=False):
 COLUMNS = ('run', 'epoch', 'train_loss', 'train_acc', 'val_acc', 'tta_val_acc', 'time_seconds')
 
 def select_hardest(proxy, proxy_optimizer, inputs, labels, loss_fn, keep, learn):
-    """The `keep` examples of the batch on which the proxy's loss is highest, as (inputs, labels).
-    When `learn`, the proxy also takes a gradient step on its loss over those examples; otherwise
-    it only scores, without building a graph."""
+    """The `keep` examples of the batch on which the proxy's loss is highest, as (inputs, labels). When `learn`, the
+    proxy also takes a gradient step on its loss over those examples; otherwise it only scores, building no graph."""
     with torch.set_grad_enabled(learn):
         losses = loss_fn(proxy(inputs), labels)
     hardest = losses.detach().topk(keep, sorted=False).indices
@@ -482,7 +476,7 @@ def train(hyp=hyp, train_loader=None, test_loader=None, device=None, run=None, v
         train_loader = CifarLoader(None, True, opt['batch_size'], hyp['aug'], device=device)
     device = torch.device(device or train_loader.device)
     if test_loader is None:
-        test_loader = CifarLoader(train_loader.data_dir, False, TEST_BATCH_SIZE, device=device)
+        test_loader = CifarLoader(train_loader.data_dir, False, 2000, device=device)  # any size predicts the same
     total_steps = math.ceil(len(train_loader) * opt['train_epochs'])
     if total_steps == 0:
         raise UserError(f'{len(train_loader.images)} training images make no full batch of '
@@ -493,8 +487,7 @@ def train(hyp=hyp, train_loader=None, test_loader=None, device=None, run=None, v
 
     model, train_bias, freeze_bias = compiled_net(hyp['net'], device)
     optimizer = make_optimizer(model, opt)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_multiplier(step / total_steps, opt['lr_knots']))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s / total_steps, opt['lr_knots']))
     lookahead = LookaheadState(model)
     # The proxy: its own optimizer, stepped every proxy_every batches, on the same schedule.
     proxy, proxy_train_bias, proxy_freeze_bias = compiled_net(hyp['net'], device, proxy=True)
@@ -575,8 +568,7 @@ def warmup(hyp=hyp, train_loader=None, device=None, verbose=True):
 #############################################
 
 def write_log(folder, info, results):
-    """log.pt (all, with this script's source) and summary.json (all but the source) in study.py's format, renamed
-    into place together (see atomic_write): a full disk leaves both at the last complete write."""
+    """log.pt (all, with this script's source) and summary.json (all but it) in study.py's format, via atomic_write."""
     code = pathlib.Path(__file__).read_text(encoding='utf-8')
     accs, times = [result['tta_val_acc'] for result in results], [result['time_seconds'] for result in results]
     summary = {**info, 'source_sha256': hashlib.sha256(code.encode()).hexdigest(), 'n': len(accs),
@@ -602,7 +594,8 @@ def main(argv=None):
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
                         help='cuda, cuda:N or cpu (default: %(default)s; the CPU is hundreds of times slower)')
     args = parser.parse_args(argv)
-    previous_handler = signal.signal(signal.SIGTERM, stop)  # as Ctrl-C: the finished runs are kept
+    previous_handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGTERM, stop)  # as Ctrl-C: the finished runs are kept
     folder, results, saved = None, [], 0  # saved: how many runs the log on disk holds
     try:
         if args.runs < 1:
@@ -632,19 +625,22 @@ def main(argv=None):
         print(f'{name}: {summary["n"]} run{"s" * (summary["n"] > 1)}, mean TTA accuracy {100 * summary["mean"]:.2f}%, '
               f'std {100 * (summary["std"] or 0):.2f}, mean time {summary["mean_time_seconds"]:.3f} s; log {folder}')
     except (Exception, KeyboardInterrupt) as exc:  # Exception: a UserError, or a bug or e.g. out of memory
+        for number in previous_handlers:  # a second Ctrl-C or SIGTERM must not cut the log's last write short
+            signal.signal(number, signal.SIG_IGN)
         if not isinstance(exc, (UserError, KeyboardInterrupt)):
             traceback.print_exc()  # a bug's traceback matters; the line after it still says where the runs are
             exc = UserError(first_line(exc))
         interrupted = isinstance(exc, KeyboardInterrupt)
         message = f'interrupted ({str(exc) or "SIGINT"})' if interrupted else f'error: {exc}'
         if folder and os.path.isdir(folder):
-            with contextlib.suppress(UserError, KeyboardInterrupt):  # a second signal cuts only this write
+            with contextlib.suppress(UserError):  # a full disk: the log keeps its last complete write
                 saved = write_log(folder, {**info, 'status': 'interrupted' if interrupted else 'failed'}, results)['n']
             message += f'; {saved} finished run(s) kept in {folder}'
         print(f'{name}.py: {message}', file=sys.stderr)
         sys.exit(128 + signal.Signals[str(exc) or 'SIGINT'] if interrupted else 1)
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
+        for number, handler in previous_handlers.items():
+            signal.signal(number, handler)
 
 def stop(signum, frame):
     """SIGTERM (a scheduler, timeout, kill) ends a study as Ctrl-C does."""

@@ -337,26 +337,21 @@ class StudyLog:
         self.write()
 
     def add(self, *results):
-        """Logs finished runs in one write. Kept even when a signal stops it (the final rewrite holds them);
-        dropped only when the disk refuses them."""
+        """Logs finished runs in one write. They are kept in memory whatever stops it (a signal, a full disk):
+        the closing rewrite holds them if it can be written, and `saved` counts what the files hold."""
         self.results.extend(results)
-        try:
-            self.write()
-        except StudyError:
-            del self.results[len(self.results) - len(results):]
-            raise
+        self.write()
 
     def close(self, status):
         """Marks the log; raises StudyError when it cannot be written."""
         self.info['status'] = status
         self.write()
 
-    def summary(self, results=None):
-        results = self.results if results is None else results
-        return {**self.info, **summarize(results), 'runs': results}
+    def summary(self):
+        return {**self.info, **summarize(self.results), 'runs': self.results}
 
-    def write(self, results=None):
-        summary = self.summary(results)
+    def write(self):
+        summary = self.summary()
         text = json.dumps(summary, indent=2) + '\n'
         accs = torch.tensor([r['tta_val_acc'] for r in summary['runs']], dtype=torch.float64)
         log = {**summary, 'code': self.source, 'accs': accs}
@@ -599,13 +594,12 @@ def train_run(recipe, study_hyp, base_seed, run, make_train_loader, device, rank
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
     ranks = Ranks()
     state = {'errors': (StudyError,), 'log': None, 'name': 'study.py'}
     hold_signals(False)
     previous_handlers = {number: signal.signal(number, stop) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
-        run_study(args, argv, ranks, state)
+        run_study(parse_args(argv), argv, ranks, state)  # parsing too: --help may load a recipe, torch and all
     except KeyboardInterrupt as exc:
         hold_signals()  # stop holds them already; a KeyboardInterrupt raised in a recipe does not
         log, signal_name = state['log'], str(exc) or 'SIGINT'

@@ -129,12 +129,13 @@ def terminated_in_run_1(recipe, monkeypatch, capsys, data_dir, log_dir):
 
 def test_sigterm_ends_the_record_attempt_as_ctrl_c_does(tiny_recipe, tiny_data, tmp_path, capsys, monkeypatch):
     """SIGTERM (a scheduler, timeout, kill) in the second run: one line, the finished run kept, the
-    log marked interrupted, status 143."""
+    log marked interrupted, status 143. Both signals' handlers are put back, though the stop ignored them."""
+    sigint_handler = signal.getsignal(signal.SIGINT)
     status, err, summary = terminated_in_run_1(tiny_recipe, monkeypatch, capsys, tiny_data, tmp_path / 'logs')
     assert status == 143 and summary['status'] == 'interrupted' and summary['n'] == 1
     assert f'interrupted (SIGTERM); {summary["n"]} finished run(s) kept in' in err
     assert_one_line(err)
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # main put the handler back
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and signal.getsignal(signal.SIGINT) is sigint_handler
 
 
 @pytest.mark.parametrize('moment', ['while', 'after'])
@@ -161,7 +162,7 @@ def test_a_signal_at_the_write_of_a_finished_run_keeps_it(moment, tiny_recipe, t
 
 def test_a_second_signal_while_the_log_is_marked(tiny_recipe, tiny_data, tmp_path, capsys, monkeypatch):
     """Another SIGTERM while the log is being marked interrupted (a scheduler's, after the user's
-    Ctrl-C): still one line and status 143; the log keeps its last complete write, run 0 in it."""
+    Ctrl-C): ignored, so still one line and status 143, and that write completes, run 0 in it."""
     real_write_log = tiny_recipe.write_log
 
     def write_log(folder, info, results):
@@ -175,7 +176,7 @@ def test_a_second_signal_while_the_log_is_marked(tiny_recipe, tiny_data, tmp_pat
         pytest.fail('the second SIGTERM escaped main: a traceback, not one line')
     assert status == 143 and 'interrupted (SIGTERM); 1 finished run(s) kept in' in err
     assert_one_line(err)
-    assert summary['status'] == 'running' and summary['n'] == 1
+    assert summary['status'] == 'interrupted' and summary['n'] == 1
 
 
 @pytest.mark.parametrize('signal_number', [signal.SIGTERM, signal.SIGINT])

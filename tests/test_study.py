@@ -1,5 +1,6 @@
 """study.py, once: the command line, --set, seeds, the log, statistics, recipes by path, and every
 failure's one-line message (torchrun: test_distributed.py)."""
+import contextlib
 import errno
 import glob
 import importlib
@@ -131,6 +132,26 @@ def test_full_disk_mid_study(airbench94, tiny_data, tmp_path, capsys, monkeypatc
     summary, log = read_summary(folder), torch.load(os.path.join(folder, 'log.pt'), weights_only=True)
     assert summary['n'] == log['n'] == writes_before_full - 1 and summary['status'] == log['status'] == 'running'
     assert summary['runs'] == log['runs'] and not glob.glob(os.path.join(folder, '*.tmp'))
+
+
+def test_a_run_the_full_disk_refused_is_kept_once_there_is_room(airbench94, tiny_data, tmp_path, capsys,
+                                                                 monkeypatch):
+    """The disk refuses only the write after run 1 (another job freed space): the study stops in one
+    line, and the rewrite that marks the log failed holds run 1 too."""
+    real_save, saves = torch.save, []
+
+    def save_refusing_the_third(obj, file, *args, **kwargs):
+        saves.append(obj)
+        if len(saves) == 3:  # the log at creation, after run 0, after run 1
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        return real_save(obj, file, *args, **kwargs)
+    monkeypatch.setattr(torch, 'save', save_refusing_the_third)
+    status, _, err = run_main(study, capsys, *study_args(airbench94, tiny_data, tmp_path, '--runs', '3'))
+    monkeypatch.setattr(torch, 'save', real_save)
+    summary = read_summary(only_log(tmp_path, 'airbench94'))
+    assert status == 1 and 'No space left on device' in err and '2 finished run(s) kept' in err
+    assert_one_line(err)
+    assert summary['status'] == 'failed' and summary['n'] == 2
 
 
 def test_set_overrides(airbench94):
@@ -337,19 +358,28 @@ def train_calling(recipe, monkeypatch, run, hook):
     monkeypatch.setattr(recipe, 'train', train)
 
 
-def test_signals_that_arrive_together_end_the_study_as_the_first(airbench94, tiny_data, tmp_path, capsys,
-                                                                 monkeypatch):
-    """Ctrl-C and a scheduler's SIGTERM pending at once in run 1: the first (SIGINT, the lower number)
-    ends the study; the other is neither raised again mid-stop nor reported by CPython as a signal
-    'ignored due to race condition'."""
+def both_at_once():
+    """Ctrl-C and SIGTERM pending together: sent to this thread while it blocks them, then let in."""
     both = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, both)
+    for number in both:
+        signal.pthread_kill(threading.main_thread().ident, number)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, both)
 
-    def both_at_once():
-        signal.pthread_sigmask(signal.SIG_BLOCK, both)  # sent to this thread, they wait here together
-        for number in both:
-            signal.pthread_kill(threading.main_thread().ident, number)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, both)
-    train_calling(airbench94, monkeypatch, 1, both_at_once)
+
+def sigterm_as_the_ctrl_c_unwinds():
+    """Ctrl-C, then a SIGTERM while its KeyboardInterrupt unwinds the recipe's frames (a `with` block's exit)."""
+    with contextlib.ExitStack() as stack:
+        stack.callback(os.kill, os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+@pytest.mark.parametrize('signals', [both_at_once, sigterm_as_the_ctrl_c_unwinds])
+def test_signals_after_the_first_are_ignored(signals, airbench94, tiny_data, tmp_path, capsys, monkeypatch):
+    """A scheduler's SIGTERM on top of the user's Ctrl-C in run 1: the first (SIGINT) ends the study;
+    the other is neither raised again mid-stop nor reported by CPython as a signal 'ignored due to
+    race condition'."""
+    train_calling(airbench94, monkeypatch, 1, signals)
     status, _, err = run_main(study, capsys, *study_args(airbench94, tiny_data, tmp_path, '--runs', '3'))
     summary = read_summary(only_log(tmp_path, 'airbench94'))
     assert status == 130 and 'interrupted (SIGINT); 1 finished run(s) kept' in err
@@ -395,6 +425,15 @@ def test_a_stop_on_a_full_disk_counts_the_runs_the_disk_holds(airbench94, tiny_d
     assert summary['n'] == 1 and summary['status'] == 'running' and len(saves) == 4
 
 
+def test_ctrl_c_while_the_command_line_is_read(tiny_data, tmp_path, capsys, monkeypatch):
+    """--help loads the recipe it names (torch's import and all, seconds): a Ctrl-C then is one line too."""
+    def parse_args(argv):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(study, 'parse_args', parse_args)
+    status, _, err = run_main(study, capsys, 'airbench94', '--help')
+    assert status == 130 and err == 'study.py: interrupted (SIGINT) before the study started; nothing was logged\n'
+
+
 class RankZeroOfThree(study.Ranks):
     """Rank 0 of a three-rank study, alone in this process: in each round, ranks 1 and 2 'finish' the
     two runs after rank 0's."""
@@ -420,11 +459,11 @@ def test_a_signal_while_a_round_is_logged_keeps_every_rank_s_run(airbench94, tin
     monkeypatch.setattr(study, 'Ranks', RankZeroOfThree)
     real_write = study.StudyLog.write
 
-    def write_during_a_signal(log, results=None):
+    def write_during_a_signal(log):
         if len(log.results) > 1 and not write_during_a_signal.sent:
             write_during_a_signal.sent = True
             os.kill(os.getpid(), signal.SIGTERM)
-        return real_write(log, results)
+        return real_write(log)
     write_during_a_signal.sent = False
     monkeypatch.setattr(study.StudyLog, 'write', write_during_a_signal)
     status, _, err = run_main(study, capsys, *study_args(airbench94, tiny_data, tmp_path, '--runs', '6'))
