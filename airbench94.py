@@ -142,9 +142,8 @@ def build_cache(data_dir):
          'classes': CIFAR10_CLASSES}, file) for split, r in records.items()})
 
 def atomic_write(writers):
-    """{path: write(file)}: every file is written to a temporary of its own beside it (a random name, which no other
-    process writes, on any host sharing the folder), and all are renamed into place only once all are complete: a full
-    disk leaves the old files, never half a file; only a process killed between two renames could leave a mix."""
+    """{path: write(file)}: each file goes to a temporary beside it (a random name, which no process on any host
+    shares), all renamed into place once all are complete: a full disk leaves the old files, a kill mid-rename a mix."""
     temporaries = {path: f'{path}.{os.urandom(6).hex()}.tmp' for path in writers}
     try:
         for path, write in writers.items():
@@ -506,8 +505,9 @@ def main(argv=None):
                         help='cuda, cuda:N or cpu (default: %(default)s; the CPU is hundreds of times slower)')
     args = parser.parse_args(argv)
     previous_handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
-    signal.signal(signal.SIGTERM, stop)  # as Ctrl-C: the finished runs are kept
-    folder, results, saved = None, [], 0  # saved: how many runs the log on disk holds
+    for number in [number for number, handler in previous_handlers.items() if handler is not signal.SIG_IGN]:
+        signal.signal(number, stop)  # ignored (a background job's Ctrl-C) stays ignored
+    folder, results, saved, stop.held = None, [], 0, False  # saved: how many runs the log on disk holds
     try:
         if args.runs < 1:
             raise UserError(f'--runs must be at least 1, not {args.runs}')
@@ -536,8 +536,7 @@ def main(argv=None):
         print(f'{name}: {summary["n"]} run{"s" * (summary["n"] > 1)}, mean TTA accuracy {100 * summary["mean"]:.2f}%, '
               f'std {100 * (summary["std"] or 0):.2f}, mean time {summary["mean_time_seconds"]:.3f} s; log {folder}')
     except (Exception, KeyboardInterrupt) as exc:  # Exception: a UserError, or a bug or e.g. out of memory
-        for number in previous_handlers:  # a second Ctrl-C or SIGTERM must not cut the log's last write short
-            signal.signal(number, signal.SIG_IGN)
+        stop.held = True  # first, and no call: a second Ctrl-C or SIGTERM must not cut the log's last write short
         if not isinstance(exc, (UserError, KeyboardInterrupt)):
             traceback.print_exc()  # a bug's traceback matters; the line after it still says where the runs are
             exc = UserError(first_line(exc))
@@ -554,8 +553,10 @@ def main(argv=None):
             signal.signal(number, handler)
 
 def stop(signum, frame):
-    """SIGTERM (a scheduler, timeout, kill) ends a study as Ctrl-C does."""
-    raise KeyboardInterrupt(signal.Signals(signum).name)
+    """Ctrl-C or SIGTERM ends the attempt; signals after it do nothing (SIG_IGN would warn of one already pending)."""
+    if not stop.held:
+        stop.held = True
+        raise KeyboardInterrupt(signal.Signals(signum).name)
 
 if __name__ == '__main__':
     main()

@@ -568,7 +568,7 @@ def run_study(args, argv, ranks, state):
                 print(f'{name}: run {finished["run"]} (rank {finished["rank"]}): TTA accuracy '
                       f'{finished["tta_val_acc"]:.4f} in {finished["time_seconds"]:.3f} s', flush=True)
         stop_on_failures(outcomes)
-    hold_signals()  # every run is done: a signal now must not mark a complete study interrupted
+    stop.held = True  # every run is done: a signal now must not mark a complete study interrupted
     if ranks.rank == 0:
         log.close('complete')  # a full disk here is a failure: the log would still say running
         print(format_summary(name, log.summary()))
@@ -596,12 +596,14 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     ranks = Ranks()
     state = {'errors': (StudyError,), 'log': None, 'name': 'study.py'}
-    hold_signals(False)
-    previous_handlers = {number: signal.signal(number, stop) for number in (signal.SIGINT, signal.SIGTERM)}
+    previous_handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    for number in [number for number, handler in previous_handlers.items() if handler is not signal.SIG_IGN]:
+        signal.signal(number, stop)  # ignored (a background job's Ctrl-C) stays ignored
+    stop.held = False  # until the study is stopping, or done
     try:
         run_study(parse_args(argv), argv, ranks, state)  # parsing too: --help may load a recipe, torch and all
     except KeyboardInterrupt as exc:
-        hold_signals()  # stop holds them already; a KeyboardInterrupt raised in a recipe does not
+        stop.held = True  # stop holds them already; a KeyboardInterrupt raised in a recipe does not
         log, signal_name = state['log'], str(exc) or 'SIGINT'
         status = 128 + signal.Signals[signal_name]
         if ranks.rank > 0:
@@ -612,7 +614,7 @@ def main(argv=None):
             log.close('interrupted')
         fail(f'interrupted ({signal_name}); {log.saved} finished run(s) kept in {log.dir}', ranks, status)
     except Exception as exc:
-        hold_signals()  # first: a signal from here on would escape this handler with a traceback
+        stop.held = True  # first, and no call (a call runs a pending signal's handler): none may escape this one
         log = state['log']
         if log is not None:
             with contextlib.suppress(StudyError):
@@ -635,22 +637,14 @@ def main(argv=None):
             ranks.close()
 
 
-signals_held = False  # once a study is stopping or done
-
-
 def stop(signum, frame):
     """Ctrl-C and SIGTERM (torchrun, schedulers, timeout, kill) end a study alike: the log is marked and
     keeps every finished run. A signal once the study is stopping does nothing: it must not cut the
     last write of the log short, nor escape the handler that makes it with a traceback. (SIG_IGN
     would not do: a signal already pending then prints CPython's 'ignored due to race condition'.)"""
-    if not signals_held:
-        hold_signals()
+    if not stop.held:
+        stop.held = True
         raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
-def hold_signals(held=True):
-    global signals_held
-    signals_held = held
 
 
 def fail(message, ranks, status=1):

@@ -3,11 +3,14 @@
 A recipe script joins the whole suite by getting an entry in RECIPES.
 """
 import collections
+import contextlib
 import glob
 import importlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
 
 import pytest
@@ -373,3 +376,31 @@ def signal_after_first_run(process, log_dir, name, signal_number):
         return process.communicate(timeout=60)[1]
     finally:
         process.kill()
+
+
+def train_calling(recipe, monkeypatch, run, hook):
+    """recipe.train calls hook() at the start of run `run`."""
+    real_train = recipe.train
+
+    def train(*args, **kwargs):  # a warm-up may pass its run label by position
+        if kwargs.get('run') == train_calling.run:
+            hook()
+        return real_train(*args, **kwargs)
+    train_calling.run = run
+    monkeypatch.setattr(recipe, 'train', train)
+
+
+def both_at_once():
+    """Ctrl-C and SIGTERM pending together: sent to this thread while it blocks them, then let in."""
+    both = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, both)
+    for number in both:
+        signal.pthread_kill(threading.main_thread().ident, number)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, both)
+
+
+def sigterm_as_the_ctrl_c_unwinds():
+    """Ctrl-C, then a SIGTERM while its KeyboardInterrupt unwinds the recipe's frames (a `with` block's exit)."""
+    with contextlib.ExitStack() as stack:
+        stack.callback(os.kill, os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)

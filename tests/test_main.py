@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import compare
-from conftest import (ROOT, assert_one_line, assert_shareable,
-                      only_log, read_summary, run_main, signal_after_first_run, tiny_hyp)
+from conftest import (ROOT, assert_one_line, assert_shareable, both_at_once, only_log, read_summary, run_main,
+                      signal_after_first_run, sigterm_as_the_ctrl_c_unwinds, tiny_hyp, train_calling)
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
@@ -116,13 +116,7 @@ def test_an_unforeseen_error_marks_the_log_failed(tiny_recipe, tiny_data, tmp_pa
 def terminated_in_run_1(recipe, monkeypatch, capsys, data_dir, log_dir):
     """The record attempt, --runs 5, with a SIGTERM delivered to this very process in run 1:
     (exit status, stderr, summary)."""
-    real_train = recipe.train
-
-    def train(*args, **kwargs):
-        if kwargs.get('run') == 1:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_train(*args, **kwargs)
-    monkeypatch.setattr(recipe, 'train', train)
+    train_calling(recipe, monkeypatch, 1, lambda: os.kill(os.getpid(), signal.SIGTERM))
     status, _, err = run_main(recipe, capsys, '--runs', '5', '--data-dir', data_dir, '--device', 'cpu')
     return status, err, read_summary(only_log(log_dir, recipe.__name__))
 
@@ -177,6 +171,53 @@ def test_a_second_signal_while_the_log_is_marked(tiny_recipe, tiny_data, tmp_pat
     assert status == 143 and 'interrupted (SIGTERM); 1 finished run(s) kept in' in err
     assert_one_line(err)
     assert summary['status'] == 'interrupted' and summary['n'] == 1
+
+
+def attempt_of_2_runs(recipe, capsys, data_dir, log_dir):
+    """The record attempt, --runs 2: (exit status, stdout, stderr, summary)."""
+    status, out, err = run_main(recipe, capsys, '--runs', '2', '--data-dir', data_dir, '--device', 'cpu')
+    return status, out, err, read_summary(only_log(log_dir, recipe.__name__))
+
+
+@pytest.mark.parametrize('signals', [both_at_once, sigterm_as_the_ctrl_c_unwinds])
+def test_signals_after_the_first_are_ignored(signals, tiny_recipe, tiny_data, tmp_path, capsys, monkeypatch):
+    """A scheduler's SIGTERM on top of the user's Ctrl-C in run 1: the first ends the attempt, in one
+    line; the other neither escapes with a traceback nor cuts the last write short."""
+    train_calling(tiny_recipe, monkeypatch, 1, signals)
+    status, _, err, summary = attempt_of_2_runs(tiny_recipe, capsys, tiny_data, tmp_path / 'logs')
+    assert status == 130 and 'interrupted (SIGINT); 1 finished run(s) kept in' in err
+    assert_one_line(err)
+    assert summary['status'] == 'interrupted' and summary['n'] == 1
+
+
+def test_a_signal_while_a_failure_is_logged(tiny_recipe, tiny_data, tmp_path, capsys, monkeypatch):
+    """Run 1 fails (a UserError), and a SIGTERM comes while the log is marked failed: ignored."""
+    def fail():
+        raise tiny_recipe.UserError('training diverged (simulated)')
+    train_calling(tiny_recipe, monkeypatch, 1, fail)
+    real_write_log = tiny_recipe.write_log
+
+    def write_log(folder, info, results):
+        if info['status'] == 'failed':
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_write_log(folder, info, results)
+    monkeypatch.setattr(tiny_recipe, 'write_log', write_log)
+    status, _, err, summary = attempt_of_2_runs(tiny_recipe, capsys, tiny_data, tmp_path / 'logs')
+    assert status == 1 and 'error: training diverged (simulated); 1 finished run(s) kept in' in err
+    assert_one_line(err)
+    assert summary['status'] == 'failed' and summary['n'] == 1
+
+
+def test_an_ignored_ctrl_c_stays_ignored(tiny_recipe, tiny_data, tmp_path, capsys, monkeypatch):
+    """Started with SIGINT ignored (a shell script's background job): a Ctrl-C to its process group
+    does not stop the attempt, as it does not stop any other program started so."""
+    train_calling(tiny_recipe, monkeypatch, 1, lambda: os.kill(os.getpid(), signal.SIGINT))
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        status, _, err, summary = attempt_of_2_runs(tiny_recipe, capsys, tiny_data, tmp_path / 'logs')
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert status == 0 and err == '' and summary['status'] == 'complete' and summary['n'] == 2
 
 
 @pytest.mark.parametrize('signal_number', [signal.SIGTERM, signal.SIGINT])

@@ -53,10 +53,11 @@ AIRBENCH = [name for name in RECIPES if name.startswith('airbench')]
 # lines); no cut found left them readable within 600: their budgets hold them at their present
 # length, so that a line more has to be argued for here. Argued so far: 3 lines in every recipe's
 # main (2026-12-02) so that an unforeseen error (out of memory, a bug in an edited copy) marks the
-# log failed, as study.py does, instead of leaving it running. 2026-12-03: 4 lines in every main, so
-# that a second Ctrl-C or SIGTERM is ignored while the log is marked, paid for by shorter docstrings
-# and TEST_BATCH_SIZE inlined (budgets down by 2, 4 and 2).
-LINE_BUDGET = {'airbench94_muon': 633, 'airbench96_faster': 650, 'airbench94_hive': 660}
+# log failed, as study.py does, instead of leaving it running. 2026-12-03: 5 lines in every main, so
+# that signals after the first do nothing while the log is marked (Ctrl-C pressed twice), and an
+# inherited SIG_IGN is kept, paid for by shorter docstrings and 2000 inlined for TEST_BATCH_SIZE
+# (budgets down by 1, 3 and 1).
+LINE_BUDGET = {'airbench94_muon': 634, 'airbench96_faster': 651, 'airbench94_hive': 661}
 
 
 @pytest.mark.parametrize('name', AIRBENCH)

@@ -1,6 +1,5 @@
 """study.py, once: the command line, --set, seeds, the log, statistics, recipes by path, and every
 failure's one-line message (torchrun: test_distributed.py)."""
-import contextlib
 import errno
 import glob
 import importlib
@@ -11,14 +10,14 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 
 import pytest
 import torch
 
 import study
-from conftest import (RECIPES, ROOT, assert_one_line, assert_shareable, failed_study, only_log, read_summary, run_main,
-                      signal_after_first_run, study_args, tiny_overrides)
+from conftest import (RECIPES, ROOT, assert_one_line, assert_shareable, both_at_once, failed_study, only_log,
+                      read_summary, run_main, signal_after_first_run, sigterm_as_the_ctrl_c_unwinds, study_args,
+                      tiny_overrides, train_calling)
 
 SEEDED = ('--seed', '7', '--set', 'opt.label_smoothing = 0.1')  # spaces: the logged command must quote them
 
@@ -304,14 +303,9 @@ def test_cifar10_dir_that_is_not_a_folder(airbench94, tmp_path, capsys, monkeypa
 
 def fail_in_run(recipe, monkeypatch, run, exception):
     """recipe.train raises `exception` in run `run` and trains the others."""
-    real_train = recipe.train
-
-    def train(*args, run=None, **kwargs):
-        if run == fail_in_run.run:
-            raise exception
-        return real_train(*args, run=run, **kwargs)
-    fail_in_run.run = run
-    monkeypatch.setattr(recipe, 'train', train)
+    def fail():
+        raise exception
+    train_calling(recipe, monkeypatch, run, fail)
 
 
 def test_a_bug_gives_its_traceback_then_what_was_kept(airbench94, tiny_data, tmp_path, capsys, monkeypatch):
@@ -346,34 +340,6 @@ def test_a_second_signal_cannot_cut_the_last_write_short(airbench94, tiny_data, 
     assert summary['status'] == 'interrupted' and summary['n'] == 1
 
 
-def train_calling(recipe, monkeypatch, run, hook):
-    """recipe.train calls hook() at the start of run `run`."""
-    real_train = recipe.train
-
-    def train(*args, run=None, **kwargs):
-        if run == train_calling.run:
-            hook()
-        return real_train(*args, run=run, **kwargs)
-    train_calling.run = run
-    monkeypatch.setattr(recipe, 'train', train)
-
-
-def both_at_once():
-    """Ctrl-C and SIGTERM pending together: sent to this thread while it blocks them, then let in."""
-    both = {signal.SIGINT, signal.SIGTERM}
-    signal.pthread_sigmask(signal.SIG_BLOCK, both)
-    for number in both:
-        signal.pthread_kill(threading.main_thread().ident, number)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, both)
-
-
-def sigterm_as_the_ctrl_c_unwinds():
-    """Ctrl-C, then a SIGTERM while its KeyboardInterrupt unwinds the recipe's frames (a `with` block's exit)."""
-    with contextlib.ExitStack() as stack:
-        stack.callback(os.kill, os.getpid(), signal.SIGTERM)
-        os.kill(os.getpid(), signal.SIGINT)
-
-
 @pytest.mark.parametrize('signals', [both_at_once, sigterm_as_the_ctrl_c_unwinds])
 def test_signals_after_the_first_are_ignored(signals, airbench94, tiny_data, tmp_path, capsys, monkeypatch):
     """A scheduler's SIGTERM on top of the user's Ctrl-C in run 1: the first (SIGINT) ends the study;
@@ -385,6 +351,35 @@ def test_signals_after_the_first_are_ignored(signals, airbench94, tiny_data, tmp
     assert status == 130 and 'interrupted (SIGINT); 1 finished run(s) kept' in err
     assert_one_line(err)
     assert summary['status'] == 'interrupted' and summary['n'] == 1
+
+
+def test_a_signal_while_a_failure_is_logged(airbench94, tiny_data, tmp_path, capsys, monkeypatch):
+    """Run 1 fails (the recipe's UserError), and a SIGTERM comes while the log is marked failed: ignored."""
+    fail_in_run(airbench94, monkeypatch, 1, airbench94.UserError('training diverged (simulated)'))
+    real_close = study.StudyLog.close
+
+    def close_during_a_signal(log, status):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_close(log, status)
+    monkeypatch.setattr(study.StudyLog, 'close', close_during_a_signal)
+    status, _, err = run_main(study, capsys, *study_args(airbench94, tiny_data, tmp_path, '--runs', '3'))
+    summary = read_summary(only_log(tmp_path, 'airbench94'))
+    assert status == 1 and 'error: training diverged (simulated); 1 finished run(s) kept' in err
+    assert_one_line(err)
+    assert summary['status'] == 'failed' and summary['n'] == 1
+
+
+def test_an_ignored_ctrl_c_stays_ignored(airbench94, tiny_data, tmp_path, capsys, monkeypatch):
+    """Started with SIGINT ignored (a shell script's background job): a Ctrl-C to its process group
+    does not stop the study, as it does not stop any other program started so."""
+    train_calling(airbench94, monkeypatch, 1, lambda: os.kill(os.getpid(), signal.SIGINT))
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        status, _, err = run_main(study, capsys, *study_args(airbench94, tiny_data, tmp_path, '--runs', '2'))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    summary = read_summary(only_log(tmp_path, 'airbench94'))
+    assert status == 0 and err == '' and summary['status'] == 'complete' and summary['n'] == 2
 
 
 def test_a_signal_once_every_run_is_done_leaves_the_study_complete(airbench94, tiny_data, tmp_path, capsys,
