@@ -404,3 +404,21 @@ def sigterm_as_the_ctrl_c_unwinds():
     with contextlib.ExitStack() as stack:
         stack.callback(os.kill, os.getpid(), signal.SIGTERM)
         os.kill(os.getpid(), signal.SIGINT)
+
+
+@contextlib.contextmanager
+def sigint_handler(handler):
+    """SIGINT's handler set to `handler` for the block (SIG_IGN: as a shell script's `cmd &` starts)."""
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def assert_stopped(status, err, summary, exit_status, message, log_status, runs_kept):
+    """A stopped study or record attempt: `exit_status`, one line on stderr holding `message`, and the
+    log marked `log_status` with `runs_kept` runs."""
+    assert status == exit_status and message in err
+    assert_one_line(err)
+    assert summary['status'] == log_status and summary['n'] == runs_kept

@@ -1,5 +1,6 @@
 """One study over several processes: study.py under torchrun with gloo on the CPU, and the log
 rank 0 writes."""
+import contextlib
 import importlib
 import json
 import os
@@ -36,10 +37,20 @@ def torchrun(recipe, data_dir, log_dir, *args, recipe_file=None, processes=2):
     try:
         stdout, stderr = process.communicate(timeout=STUDY_TIMEOUT)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)  # its ranks too: left running, they would slow the rest of the suite
-        process.communicate()
+        os.killpg(process.pid, signal.SIGKILL)
+        kill_processes_naming(str(log_dir))  # its ranks, in sessions of their own: left running, they hold
+        process.communicate()                # the pipes open (communicate would wait forever) and slow the suite
         raise
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr), time.monotonic() - started
+
+
+def kill_processes_naming(text):
+    """SIGKILL to every process of this machine whose command line holds `text` (Linux's /proc)."""
+    for pid in filter(str.isdigit, os.listdir('/proc')):
+        with contextlib.suppress(OSError):  # ended meanwhile, or not ours
+            with open(f'/proc/{pid}/cmdline', 'rb') as file:
+                if text.encode() in file.read():
+                    os.kill(int(pid), signal.SIGKILL)
 
 
 def only_summary(log_dir, name):

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 import compare
-from conftest import (ROOT, assert_one_line, assert_shareable, both_at_once, only_log, read_summary, run_main,
-                      signal_after_first_run, sigterm_as_the_ctrl_c_unwinds, tiny_hyp, train_calling)
+from conftest import (ROOT, assert_one_line, assert_shareable, assert_stopped, both_at_once, only_log, read_summary,
+                      run_main, sigint_handler, signal_after_first_run, sigterm_as_the_ctrl_c_unwinds, tiny_hyp,
+                      train_calling)
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
@@ -154,23 +155,26 @@ def test_a_signal_at_the_write_of_a_finished_run_keeps_it(moment, tiny_recipe, t
     assert summary['status'] == 'interrupted' and summary['n'] == 1
 
 
+def sigterm_as_the_log_is_marked(recipe, monkeypatch, status):
+    """A SIGTERM arrives as the record attempt starts the write that marks its log `status`."""
+    real_write_log = recipe.write_log
+
+    def write_log(folder, info, results):
+        if info['status'] == status:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_write_log(folder, info, results)
+    monkeypatch.setattr(recipe, 'write_log', write_log)
+
+
 def test_a_second_signal_while_the_log_is_marked(tiny_recipe, tiny_data, tmp_path, capsys, monkeypatch):
     """Another SIGTERM while the log is being marked interrupted (a scheduler's, after the user's
     Ctrl-C): ignored, so still one line and status 143, and that write completes, run 0 in it."""
-    real_write_log = tiny_recipe.write_log
-
-    def write_log(folder, info, results):
-        if info['status'] == 'interrupted':
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_write_log(folder, info, results)
-    monkeypatch.setattr(tiny_recipe, 'write_log', write_log)
+    sigterm_as_the_log_is_marked(tiny_recipe, monkeypatch, 'interrupted')
     try:
         status, err, summary = terminated_in_run_1(tiny_recipe, monkeypatch, capsys, tiny_data, tmp_path / 'logs')
     except KeyboardInterrupt:
         pytest.fail('the second SIGTERM escaped main: a traceback, not one line')
-    assert status == 143 and 'interrupted (SIGTERM); 1 finished run(s) kept in' in err
-    assert_one_line(err)
-    assert summary['status'] == 'interrupted' and summary['n'] == 1
+    assert_stopped(status, err, summary, 143, 'interrupted (SIGTERM); 1 finished run(s) kept in', 'interrupted', 1)
 
 
 def attempt_of_2_runs(recipe, capsys, data_dir, log_dir):
@@ -185,9 +189,7 @@ def test_signals_after_the_first_are_ignored(signals, tiny_recipe, tiny_data, tm
     line; the other neither escapes with a traceback nor cuts the last write short."""
     train_calling(tiny_recipe, monkeypatch, 1, signals)
     status, _, err, summary = attempt_of_2_runs(tiny_recipe, capsys, tiny_data, tmp_path / 'logs')
-    assert status == 130 and 'interrupted (SIGINT); 1 finished run(s) kept in' in err
-    assert_one_line(err)
-    assert summary['status'] == 'interrupted' and summary['n'] == 1
+    assert_stopped(status, err, summary, 130, 'interrupted (SIGINT); 1 finished run(s) kept in', 'interrupted', 1)
 
 
 def test_a_signal_while_a_failure_is_logged(tiny_recipe, tiny_data, tmp_path, capsys, monkeypatch):
@@ -195,28 +197,17 @@ def test_a_signal_while_a_failure_is_logged(tiny_recipe, tiny_data, tmp_path, ca
     def fail():
         raise tiny_recipe.UserError('training diverged (simulated)')
     train_calling(tiny_recipe, monkeypatch, 1, fail)
-    real_write_log = tiny_recipe.write_log
-
-    def write_log(folder, info, results):
-        if info['status'] == 'failed':
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_write_log(folder, info, results)
-    monkeypatch.setattr(tiny_recipe, 'write_log', write_log)
+    sigterm_as_the_log_is_marked(tiny_recipe, monkeypatch, 'failed')
     status, _, err, summary = attempt_of_2_runs(tiny_recipe, capsys, tiny_data, tmp_path / 'logs')
-    assert status == 1 and 'error: training diverged (simulated); 1 finished run(s) kept in' in err
-    assert_one_line(err)
-    assert summary['status'] == 'failed' and summary['n'] == 1
+    assert_stopped(status, err, summary, 1, 'error: training diverged (simulated); 1 finished run(s) kept', 'failed', 1)
 
 
 def test_an_ignored_ctrl_c_stays_ignored(tiny_recipe, tiny_data, tmp_path, capsys, monkeypatch):
     """Started with SIGINT ignored (a shell script's background job): a Ctrl-C to its process group
     does not stop the attempt, as it does not stop any other program started so."""
     train_calling(tiny_recipe, monkeypatch, 1, lambda: os.kill(os.getpid(), signal.SIGINT))
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
+    with sigint_handler(signal.SIG_IGN):
         status, _, err, summary = attempt_of_2_runs(tiny_recipe, capsys, tiny_data, tmp_path / 'logs')
-    finally:
-        signal.signal(signal.SIGINT, previous)
     assert status == 0 and err == '' and summary['status'] == 'complete' and summary['n'] == 2
 
 

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 import study
-from conftest import (RECIPES, ROOT, assert_one_line, assert_shareable, both_at_once, failed_study, only_log,
-                      read_summary, run_main, signal_after_first_run, sigterm_as_the_ctrl_c_unwinds, study_args,
-                      tiny_overrides, train_calling)
+from conftest import (RECIPES, ROOT, assert_one_line, assert_shareable, assert_stopped, both_at_once, failed_study,
+                      only_log, read_summary, run_main, sigint_handler, signal_after_first_run,
+                      sigterm_as_the_ctrl_c_unwinds, study_args, tiny_overrides, train_calling)
 
 SEEDED = ('--seed', '7', '--set', 'opt.label_smoothing = 0.1')  # spaces: the logged command must quote them
 
@@ -145,12 +145,9 @@ def test_a_run_the_full_disk_refused_is_kept_once_there_is_room(airbench94, tiny
             raise OSError(errno.ENOSPC, 'No space left on device')
         return real_save(obj, file, *args, **kwargs)
     monkeypatch.setattr(torch, 'save', save_refusing_the_third)
-    status, _, err = run_main(study, capsys, *study_args(airbench94, tiny_data, tmp_path, '--runs', '3'))
-    monkeypatch.setattr(torch, 'save', real_save)
-    summary = read_summary(only_log(tmp_path, 'airbench94'))
-    assert status == 1 and 'No space left on device' in err and '2 finished run(s) kept' in err
-    assert_one_line(err)
-    assert summary['status'] == 'failed' and summary['n'] == 2
+    status, _, err, summary = study_of(3, airbench94, capsys, tiny_data, tmp_path)
+    assert_stopped(status, err, summary, 1, 'No space left on device', 'failed', 2)
+    assert '2 finished run(s) kept' in err
 
 
 def test_set_overrides(airbench94):
@@ -319,25 +316,30 @@ def test_a_bug_gives_its_traceback_then_what_was_kept(airbench94, tiny_data, tmp
     assert read_summary(folder)['status'] == 'failed' and read_summary(folder)['n'] == 1
 
 
+def study_of(runs, recipe, capsys, data_dir, log_dir):
+    """study.py on the recipe at test size: (exit status, stdout, stderr, the log's summary)."""
+    status, out, err = run_main(study, capsys, *study_args(recipe, data_dir, log_dir, '--runs', str(runs)))
+    return status, out, err, read_summary(only_log(log_dir, recipe.__name__))
+
+
+def signal_as_the_log_is_marked(monkeypatch, signal_number):
+    """The signal arrives as StudyLog.close begins (complete, interrupted or failed)."""
+    real_close = study.StudyLog.close
+
+    def close_during_a_signal(log, status):
+        os.kill(os.getpid(), signal_number)
+        return real_close(log, status)
+    monkeypatch.setattr(study.StudyLog, 'close', close_during_a_signal)
+
+
 def test_a_second_signal_cannot_cut_the_last_write_short(airbench94, tiny_data, tmp_path, capsys, monkeypatch):
     """Ctrl-C in run 1, and another while the log is being marked (a scheduler's SIGTERM after the
     user's Ctrl-C): still one line, and the log marked interrupted with run 0."""
     fail_in_run(airbench94, monkeypatch, 1, KeyboardInterrupt())
-    real_close = study.StudyLog.close
-
-    def close_during_a_signal(log, status):
-        os.kill(os.getpid(), signal.SIGINT)
-        return real_close(log, status)
-    monkeypatch.setattr(study.StudyLog, 'close', close_during_a_signal)
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, whatever pytest's
-    try:
-        status, _, err = run_main(study, capsys, *study_args(airbench94, tiny_data, tmp_path, '--runs', '3'))
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    summary = read_summary(only_log(tmp_path, 'airbench94'))
-    assert status == 130 and 'interrupted (SIGINT); 1 finished run(s) kept' in err
-    assert_one_line(err)
-    assert summary['status'] == 'interrupted' and summary['n'] == 1
+    signal_as_the_log_is_marked(monkeypatch, signal.SIGINT)
+    with sigint_handler(signal.default_int_handler):  # as in a terminal, whatever pytest's
+        status, _, err, summary = study_of(3, airbench94, capsys, tiny_data, tmp_path)
+    assert_stopped(status, err, summary, 130, 'interrupted (SIGINT); 1 finished run(s) kept', 'interrupted', 1)
 
 
 @pytest.mark.parametrize('signals', [both_at_once, sigterm_as_the_ctrl_c_unwinds])
@@ -346,39 +348,24 @@ def test_signals_after_the_first_are_ignored(signals, airbench94, tiny_data, tmp
     the other is neither raised again mid-stop nor reported by CPython as a signal 'ignored due to
     race condition'."""
     train_calling(airbench94, monkeypatch, 1, signals)
-    status, _, err = run_main(study, capsys, *study_args(airbench94, tiny_data, tmp_path, '--runs', '3'))
-    summary = read_summary(only_log(tmp_path, 'airbench94'))
-    assert status == 130 and 'interrupted (SIGINT); 1 finished run(s) kept' in err
-    assert_one_line(err)
-    assert summary['status'] == 'interrupted' and summary['n'] == 1
+    status, _, err, summary = study_of(3, airbench94, capsys, tiny_data, tmp_path)
+    assert_stopped(status, err, summary, 130, 'interrupted (SIGINT); 1 finished run(s) kept', 'interrupted', 1)
 
 
 def test_a_signal_while_a_failure_is_logged(airbench94, tiny_data, tmp_path, capsys, monkeypatch):
     """Run 1 fails (the recipe's UserError), and a SIGTERM comes while the log is marked failed: ignored."""
     fail_in_run(airbench94, monkeypatch, 1, airbench94.UserError('training diverged (simulated)'))
-    real_close = study.StudyLog.close
-
-    def close_during_a_signal(log, status):
-        os.kill(os.getpid(), signal.SIGTERM)
-        return real_close(log, status)
-    monkeypatch.setattr(study.StudyLog, 'close', close_during_a_signal)
-    status, _, err = run_main(study, capsys, *study_args(airbench94, tiny_data, tmp_path, '--runs', '3'))
-    summary = read_summary(only_log(tmp_path, 'airbench94'))
-    assert status == 1 and 'error: training diverged (simulated); 1 finished run(s) kept' in err
-    assert_one_line(err)
-    assert summary['status'] == 'failed' and summary['n'] == 1
+    signal_as_the_log_is_marked(monkeypatch, signal.SIGTERM)
+    status, _, err, summary = study_of(3, airbench94, capsys, tiny_data, tmp_path)
+    assert_stopped(status, err, summary, 1, 'error: training diverged (simulated); 1 finished run(s) kept', 'failed', 1)
 
 
 def test_an_ignored_ctrl_c_stays_ignored(airbench94, tiny_data, tmp_path, capsys, monkeypatch):
     """Started with SIGINT ignored (a shell script's background job): a Ctrl-C to its process group
     does not stop the study, as it does not stop any other program started so."""
     train_calling(airbench94, monkeypatch, 1, lambda: os.kill(os.getpid(), signal.SIGINT))
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        status, _, err = run_main(study, capsys, *study_args(airbench94, tiny_data, tmp_path, '--runs', '2'))
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    summary = read_summary(only_log(tmp_path, 'airbench94'))
+    with sigint_handler(signal.SIG_IGN):
+        status, _, err, summary = study_of(2, airbench94, capsys, tiny_data, tmp_path)
     assert status == 0 and err == '' and summary['status'] == 'complete' and summary['n'] == 2
 
 
@@ -386,14 +373,8 @@ def test_a_signal_once_every_run_is_done_leaves_the_study_complete(airbench94, t
                                                                    monkeypatch):
     """SIGTERM as the finished study is marked complete: nothing is left to save, so it is finished as
     if no signal had come."""
-    real_close = study.StudyLog.close
-
-    def close_during_a_signal(log, status):
-        os.kill(os.getpid(), signal.SIGTERM)
-        return real_close(log, status)
-    monkeypatch.setattr(study.StudyLog, 'close', close_during_a_signal)
-    status, out, err = run_main(study, capsys, *study_args(airbench94, tiny_data, tmp_path, '--runs', '2'))
-    summary = read_summary(only_log(tmp_path, 'airbench94'))
+    signal_as_the_log_is_marked(monkeypatch, signal.SIGTERM)
+    status, out, err, summary = study_of(2, airbench94, capsys, tiny_data, tmp_path)
     assert status == 0 and err == '' and 'airbench94: 2 runs, mean TTA accuracy' in out
     assert summary['status'] == 'complete' and summary['n'] == 2
 
@@ -412,12 +393,9 @@ def test_a_stop_on_a_full_disk_counts_the_runs_the_disk_holds(airbench94, tiny_d
             raise OSError(errno.ENOSPC, 'No space left on device')
         return real_save(obj, file, *args, **kwargs)
     monkeypatch.setattr(torch, 'save', save_signalled_then_full)
-    status, _, err = run_main(study, capsys, *study_args(airbench94, tiny_data, tmp_path, '--runs', '3'))
-    monkeypatch.setattr(torch, 'save', real_save)
-    summary = read_summary(only_log(tmp_path, 'airbench94'))
-    assert status == 143 and 'interrupted (SIGTERM); 1 finished run(s) kept' in err
-    assert_one_line(err)
-    assert summary['n'] == 1 and summary['status'] == 'running' and len(saves) == 4
+    status, _, err, summary = study_of(3, airbench94, capsys, tiny_data, tmp_path)
+    assert_stopped(status, err, summary, 143, 'interrupted (SIGTERM); 1 finished run(s) kept', 'running', 1)
+    assert len(saves) == 4
 
 
 def test_ctrl_c_while_the_command_line_is_read(tiny_data, tmp_path, capsys, monkeypatch):
@@ -461,11 +439,9 @@ def test_a_signal_while_a_round_is_logged_keeps_every_rank_s_run(airbench94, tin
         return real_write(log)
     write_during_a_signal.sent = False
     monkeypatch.setattr(study.StudyLog, 'write', write_during_a_signal)
-    status, _, err = run_main(study, capsys, *study_args(airbench94, tiny_data, tmp_path, '--runs', '6'))
-    summary = read_summary(only_log(tmp_path, 'airbench94'))
-    assert status == 143 and 'rank 0: interrupted (SIGTERM); 3 finished run(s) kept' in err
-    assert_one_line(err)
-    assert summary['status'] == 'interrupted' and [run['run'] for run in summary['runs']] == [0, 1, 2]
+    status, _, err, summary = study_of(6, airbench94, capsys, tiny_data, tmp_path)
+    assert_stopped(status, err, summary, 143, 'rank 0: interrupted (SIGTERM); 3 finished run(s) kept', 'interrupted', 3)
+    assert [run['run'] for run in summary['runs']] == [0, 1, 2]
 
 
 def test_run_results_are_logged_as_numbers(airbench94, tiny_data, tmp_path, capsys, monkeypatch):
