@@ -358,8 +358,8 @@ def first_failure(work, tests):
     if run.returncode == 0:
         return None
     # A test that sends itself a signal, on a mutant whose handler lets it through, stops pytest itself.
-    if not failed and (stopped := re.search(r'^\S*?(tests/\S+\.py:\d+): KeyboardInterrupt$', run.stdout, re.MULTILINE)):
-        return f'{stopped.group(1)} (a KeyboardInterrupt stopped pytest)'
+    if not failed and (stopped := re.search(r'^(\S+?\.py:\d+): KeyboardInterrupt\b', run.stdout, re.MULTILINE)):
+        return f'{os.path.relpath(stopped.group(1), work)} (a KeyboardInterrupt stopped pytest)'
     if not failed:  # no test failed, yet pytest did not succeed: it could not run them
         sys.exit(f'pytest exited {run.returncode} in {work}:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}')
     return failed[0]
