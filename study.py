@@ -49,7 +49,11 @@ import signal
 import sys
 import traceback
 
-import torch
+try:
+    import torch
+except KeyboardInterrupt:  # Ctrl-C in the second or two that torch takes to load: one line, as after it
+    print('study.py: interrupted (SIGINT) before the study started; nothing was logged', file=sys.stderr)
+    sys.exit(128 + signal.SIGINT)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LOG_FORMAT = 'airbench-study/1'

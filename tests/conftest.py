@@ -416,6 +416,14 @@ def sigint_handler(handler):
         signal.signal(signal.SIGINT, previous)
 
 
+@pytest.fixture(autouse=True, scope='session')
+def ctrl_c_as_from_a_terminal():
+    """The signal tests send this process Ctrl-C and need Python's own SIGINT handler, which a suite
+    started with SIGINT ignored (in the background: `pytest &` in a script, `nohup ... &`) lacks."""
+    with sigint_handler(signal.default_int_handler):
+        yield
+
+
 def assert_stopped(status, err, summary, exit_status, message, log_status, runs_kept):
     """A stopped study or record attempt: `exit_status`, one line on stderr holding `message`, and the
     log marked `log_status` with `runs_kept` runs."""

@@ -407,6 +407,17 @@ def test_ctrl_c_while_the_command_line_is_read(tiny_data, tmp_path, capsys, monk
     assert status == 130 and err == 'study.py: interrupted (SIGINT) before the study started; nothing was logged\n'
 
 
+def test_ctrl_c_while_torch_loads(tmp_path):
+    """The first second or two of `python study.py ...` is torch's import: a Ctrl-C then is one line
+    too (here a torch, first on the path, whose import is interrupted)."""
+    (tmp_path / 'torch').mkdir()
+    (tmp_path / 'torch' / '__init__.py').write_text('raise KeyboardInterrupt\n')
+    done = subprocess.run([sys.executable, os.path.join(ROOT, 'study.py'), 'airbench94'], capture_output=True,
+                          text=True, timeout=60, env={**os.environ, 'PYTHONPATH': str(tmp_path)})
+    assert (done.returncode, done.stdout) == (130, '')
+    assert done.stderr == 'study.py: interrupted (SIGINT) before the study started; nothing was logged\n'
+
+
 class RankZeroOfThree(study.Ranks):
     """Rank 0 of a three-rank study, alone in this process: in each round, ranks 1 and 2 'finish' the
     two runs after rank 0's."""

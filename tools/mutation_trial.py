@@ -285,6 +285,8 @@ OWN['study'] = [
      "if hasattr(recipe, 'warmup') and own_runs:"),
     ("the test data's fingerprint left out", "'test_pixel_sum': int(test_loader.images.sum(dtype=torch.int64))}",
      "'test_pixel_sum': 0}"),
+    ('a Ctrl-C while torch loads gives a traceback', 'except KeyboardInterrupt:  # Ctrl-C in the second or two',
+     'except ImportError:  # Ctrl-C in the second or two'),
 ]
 OWN['compare'] = [
     ("Welch's degrees of freedom pooled", "df = (va + vb) ** 2 / (va ** 2 / (a['n'] - 1) + vb ** 2 / (b['n'] - 1))",
