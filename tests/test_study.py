@@ -17,7 +17,7 @@ import torch
 import study
 from conftest import (RECIPES, ROOT, assert_one_line, assert_shareable, assert_stopped, both_at_once, failed_study,
                       only_log, read_summary, run_main, sigint_handler, signal_after_first_run,
-                      sigterm_as_the_ctrl_c_unwinds, study_args, tiny_overrides, train_calling)
+                      sigterm_as_the_ctrl_c_unwinds, study_args, tiny_overrides, tiny_set_args, train_calling)
 
 SEEDED = ('--seed', '7', '--set', 'opt.label_smoothing = 0.1')  # spaces: the logged command must quote them
 
@@ -416,6 +416,25 @@ def test_ctrl_c_while_torch_loads(tmp_path):
                           text=True, timeout=60, env={**os.environ, 'PYTHONPATH': str(tmp_path)})
     assert (done.returncode, done.stdout) == (130, '')
     assert done.stderr == 'study.py: interrupted (SIGINT) before the study started; nothing was logged\n'
+
+
+def test_gpu_session_script_on_the_cpu(tiny_data, tmp_path):
+    """tools/gpu_session.sh, which a session lent a GPU runs as it is, on the CPU and tiny data: both
+    studies logged where the device tool brings them back, and compare.py's verdict on them."""
+    env = {**os.environ, 'OUT': str(tmp_path), 'CIFAR10_DIR': str(tiny_data), 'DEVICE': 'cpu', 'RUNS': '2',
+           'PYTHON': sys.executable}
+    names = ['airbench94_muon', 'airbench94_hive']
+    for name in names:  # Python literals parse without their spaces, which the script splits at
+        env[f'STUDY_ARGS_{name}'] = ' '.join(arg.replace(' ', '') for arg in tiny_set_args(importlib.import_module(name)))
+    done = subprocess.run(['bash', os.path.join(ROOT, 'tools', 'gpu_session.sh')], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:]
+    for name in names:
+        assert read_summary(only_log(tmp_path / 'logs', name))['n'] == 2
+        assert f'{name} ended with status 0' in (tmp_path / f'{name}.log').read_text()
+    assert 'torch 2.' in (tmp_path / 'gpu.txt').read_text()
+    compare = (tmp_path / 'compare.txt').read_text()
+    assert compare.index('airbench94_muon') < compare.index('airbench94_hive') and '2 - 1: mean accuracy' in compare
 
 
 class RankZeroOfThree(study.Ranks):
