@@ -61,14 +61,15 @@ def run_muon(hive, weights, grads, orthogonalize, total_steps=243, **settings):
     return muon
 
 
-def test_renormalization_fires_at_the_published_37_steps(hive):
-    """With no gradient to move them and no decay, the filters change only when rescaled: at the 37
-    steps that the fact sheet lists, and never at step 1 or after step 230."""
+def rescaled_steps(hive, renorm_intervals, total_steps):
+    """The steps at which Muon rescales a filter: with no gradient to move it and no decay, the only
+    ones at which it changes."""
     weight = nn.Parameter(torch.ones(4, 2, 3, 3))
     muon = hive.Muon([weight], lr=0.1, momentum=0.5, newton_schulz_steps=3, weight_decay=0.0,
-                     renorm_intervals=(2, 17), total_steps=243, orthogonalize=lambda stack, steps: stack * 0)
+                     renorm_intervals=renorm_intervals, total_steps=total_steps,
+                     orthogonalize=lambda stack, steps: stack * 0)
     rescaled = []
-    for step in range(1, 244):
+    for step in range(1, total_steps + 1):
         with torch.no_grad():
             weight.fill_(1.0)  # norm sqrt(72), not sqrt(out_channels) = 2
         weight.grad = torch.zeros_like(weight)
@@ -76,7 +77,19 @@ def test_renormalization_fires_at_the_published_37_steps(hive):
         if not torch.equal(weight.detach(), torch.ones_like(weight)):
             assert weight.norm().item() == pytest.approx(2.0, rel=1e-6)
             rescaled.append(step)
-    assert rescaled == RENORM_STEPS and len(rescaled) == 37
+    return rescaled
+
+
+def test_renormalization_fires_at_the_published_37_steps(hive):
+    """At the 37 steps that the fact sheet lists, and never at step 1 or after step 230."""
+    assert rescaled_steps(hive, (2, 17), 243) == RENORM_STEPS and len(RENORM_STEPS) == 37
+
+
+def test_renormalization_interval_follows_the_step_of_any_schedule(hive):
+    """The interval at step s is 2 + floor(3 s / 9) over 9 steps from (2, 5): 2, 2, 3, 3, 3, 4, 4, 4,
+    5, so it fires at step 2 (2 since 0) and 5 (3 since 2), and at 9 not (4 since 5). The published
+    schedule cannot tell s from s - 1 here: 243 steps fire alike with either."""
+    assert rescaled_steps(hive, (2, 5), 9) == [2, 5]
 
 
 def test_muon_update_then_decay_over_two_steps(hive):
