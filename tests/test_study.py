@@ -418,23 +418,32 @@ def test_ctrl_c_while_torch_loads(tmp_path):
     assert done.stderr == 'study.py: interrupted (SIGINT) before the study started; nothing was logged\n'
 
 
+def gpu_session(tmp_path, **settings):
+    """tools/gpu_session.sh with OUT=tmp_path, on the CPU, none of its settings inherited."""
+    env = {key: value for key, value in os.environ.items()
+           if key not in ('RECIPES', 'RUNS', 'SECONDS_FOR_STUDIES', 'DEVICE') and not key.startswith('STUDY_ARGS_')}
+    env.update(OUT=str(tmp_path), DEVICE='cpu', PYTHON=sys.executable, **settings)
+    return subprocess.run(['bash', os.path.join(ROOT, 'tools', 'gpu_session.sh')], env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.mark.skipif(shutil.which('timeout') is None, reason="needs coreutils' timeout")
 def test_gpu_session_script_on_the_cpu(tiny_data, tmp_path):
     """tools/gpu_session.sh, which a session lent a GPU runs as it is, on the CPU and tiny data: both
     studies logged where the device tool brings them back, and compare.py's verdict on them."""
-    env = {**os.environ, 'OUT': str(tmp_path), 'CIFAR10_DIR': str(tiny_data), 'DEVICE': 'cpu', 'RUNS': '2',
-           'PYTHON': sys.executable}
     names = ['airbench94_muon', 'airbench94_hive']
-    for name in names:  # Python literals parse without their spaces, which the script splits at
-        env[f'STUDY_ARGS_{name}'] = ' '.join(arg.replace(' ', '') for arg in tiny_set_args(importlib.import_module(name)))
-    done = subprocess.run(['bash', os.path.join(ROOT, 'tools', 'gpu_session.sh')], env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-2000:]
+    more = {f'STUDY_ARGS_{name}': ' '.join(arg.replace(' ', '') for arg in tiny_set_args(importlib.import_module(name)))
+            for name in names}  # Python literals parse without their spaces, which the script splits at
+    done = gpu_session(tmp_path, CIFAR10_DIR=str(tiny_data), RUNS='2', **more)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     for name in names:
         assert read_summary(only_log(tmp_path / 'logs', name))['n'] == 2
         assert f'{name} ended with status 0' in (tmp_path / f'{name}.log').read_text()
-    assert 'torch 2.' in (tmp_path / 'gpu.txt').read_text()
+    assert f'torch {torch.__version__}' in (tmp_path / 'gpu.txt').read_text()
     compare = (tmp_path / 'compare.txt').read_text()
     assert compare.index('airbench94_muon') < compare.index('airbench94_hive') and '2 - 1: mean accuracy' in compare
+    failed = gpu_session(tmp_path / 'again', CIFAR10_DIR=str(tiny_data), RECIPES='no_such_recipe')
+    assert failed.returncode == 1 and 'gpu_session.sh: not complete: no_such_recipe' in failed.stderr
 
 
 class RankZeroOfThree(study.Ranks):
