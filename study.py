@@ -53,7 +53,8 @@ try:
     import torch
 except KeyboardInterrupt:  # Ctrl-C in the second or two that torch takes to load: one line, as after it
     print('study.py: interrupted (SIGINT) before the study started; nothing was logged', file=sys.stderr)
-    sys.exit(128 + signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.raise_signal(signal.SIGINT)  # as run_as_script ends a stopped study, for the same reason
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LOG_FORMAT = 'airbench-study/1'
@@ -664,20 +665,26 @@ def first_line(exc):
 
 
 def run_as_script():
-    """main() as the program. Under torchrun the process then ends at once with os._exit, its
-    output flushed and its log long written: in ordinary interpreter shutdown, torch.distributed's
-    teardown now and then aborts a rank that has finished (SIGABRT, seen with gloo on a busy
-    machine), and torchrun would report the finished study as failed."""
+    """main() as the program. A study stopped by Ctrl-C or SIGTERM then dies of that signal, its
+    line printed and its log written: a shell running a loop of studies (a sweep) stops only when a
+    command was killed by the signal, and would go on to the next study after an exit status of 130.
+    Under torchrun the process ends at once with os._exit instead, its output flushed and its log
+    long written: in ordinary interpreter shutdown, torch.distributed's teardown now and then aborts
+    a rank that has finished (SIGABRT, seen with gloo on a busy machine), and torchrun would report
+    the finished study as failed."""
     try:
         main()
         status = 0
     except SystemExit as exc:
         status = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
-    if not Ranks().distributed:
-        sys.exit(status)
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(status)
+    if Ranks().distributed:
+        os._exit(status)
+    if status - 128 in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(status - 128, signal.SIG_DFL)
+        signal.raise_signal(status - 128)
+    sys.exit(status)
 
 
 if __name__ == '__main__':

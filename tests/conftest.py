@@ -361,21 +361,26 @@ def read_summary(folder):
         return json.load(file)
 
 
-def signal_after_first_run(process, log_dir, name, signal_number):
-    """Sends signal_number to a process that logs to the one folder under log_dir/name, once its
-    log holds a finished run; returns the process's stderr. The process never outlives the test."""
+def signal_after_first_run(process, log_dir, name, signal_number, group=False):
+    """Sends signal_number to a process that logs to the one folder under log_dir/name (with `group`,
+    to its process group, as a terminal sends Ctrl-C), once its log holds a finished run; returns the
+    process's stderr. The process (or group) never outlives the test."""
     def finished_runs():
         summaries = glob.glob(os.path.join(log_dir, name, '*', 'summary.json'))
         return read_summary(os.path.dirname(summaries[0]))['n'] if summaries else 0
+
+    def send(number):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, number) if group else process.send_signal(number)
     try:
         deadline = time.monotonic() + 300
         while finished_runs() < 1 and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
         assert finished_runs() >= 1 and process.poll() is None, 'no run finished in time to stop'
-        process.send_signal(signal_number)
+        send(signal_number)
         return process.communicate(timeout=60)[1]
     finally:
-        process.kill()
+        send(signal.SIGKILL)
 
 
 def train_calling(recipe, monkeypatch, run, hook):

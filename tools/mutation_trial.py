@@ -290,6 +290,8 @@ OWN['study'] = [
      "'test_pixel_sum': 0}"),
     ('a Ctrl-C while torch loads gives a traceback', 'except KeyboardInterrupt:  # Ctrl-C in the second or two',
      'except ImportError:  # Ctrl-C in the second or two'),
+    ('a stopped study exits with a status, not of its signal (a shell loop goes on)',
+     '    if status - 128 in (signal.SIGINT, signal.SIGTERM):\n', '    if False:\n'),
 ]
 OWN['compare'] = [
     ("Welch's degrees of freedom pooled", "df = (va + vb) ** 2 / (va ** 2 / (a['n'] - 1) + vb ** 2 / (b['n'] - 1))",
