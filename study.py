@@ -49,10 +49,12 @@ import signal
 import sys
 import traceback
 
+NOT_STARTED = 'before the study started; nothing was logged'
+
 try:
     import torch
 except KeyboardInterrupt:  # Ctrl-C in the second or two that torch takes to load: one line, as after it
-    print('study.py: interrupted (SIGINT) before the study started; nothing was logged', file=sys.stderr)
+    print(f'study.py: interrupted (SIGINT) {NOT_STARTED}', file=sys.stderr)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.raise_signal(signal.SIGINT)  # as run_as_script ends a stopped study, for the same reason
 
@@ -614,7 +616,7 @@ def main(argv=None):
         if ranks.rank > 0:
             fail(f'interrupted ({signal_name}); rank 0 keeps the log', ranks, status)
         if log is None:
-            fail(f'interrupted ({signal_name}) before the study started; nothing was logged', ranks, status)
+            fail(f'interrupted ({signal_name}) {NOT_STARTED}', ranks, status)
         with contextlib.suppress(StudyError):  # then it keeps its last complete write
             log.close('interrupted')
         fail(f'interrupted ({signal_name}); {log.saved} finished run(s) kept in {log.dir}', ranks, status)
@@ -627,7 +629,7 @@ def main(argv=None):
         kept = '' if log is None else f'; {log.saved} finished run(s) kept in {log.dir}'
         if not isinstance(exc, state['errors']):  # a bug or e.g. out of memory: the traceback matters
             traceback.print_exc()
-            fail(kept[2:] if kept else 'stopped before the study started; nothing was logged', ranks)
+            fail(kept[2:] if kept else f'stopped {NOT_STARTED}', ranks)
         if isinstance(exc, StudyFailed):  # every rank is here: rank 0 reports, then all leave
             if ranks.rank == 0:
                 print(f'study.py: error: {exc}{kept}', file=sys.stderr, flush=True)
