@@ -150,8 +150,9 @@ def atomic_write(writers):
     temporaries = {path: f'{path}.{os.urandom(6).hex()}.tmp' for path in writers}
     try:
         for path, write in writers.items():
+            write(content := io.BytesIO())  # whole, first: torch.save's own writes turn a full disk into a RuntimeError
             with open(temporaries[path], 'xb') as file:  # the permissions of any new file: a cache can be shared
-                write(file)
+                file.write(content.getbuffer())
         for path, temporary in temporaries.items():
             os.replace(temporary, path)
     finally:
@@ -562,7 +563,7 @@ def main(argv=None):
                 saved = write_log(folder, {**info, 'status': 'interrupted' if interrupted else 'failed'}, results)['n']
             message += f'; {saved} finished run(s) kept in {folder}'
         print(f'{name}.py: {message}', file=sys.stderr)
-        sys.exit(128 + signal.Signals[str(exc) or 'SIGINT'] if interrupted else 1)
+        sys.exit(128 + signal.Signals.__members__.get(str(exc), signal.SIGINT) if interrupted else 1)
     finally:
         for number, handler in previous_handlers.items():
             signal.signal(number, handler)

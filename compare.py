@@ -7,8 +7,9 @@ For every study: script, status, n, mean TTA accuracy, std, the 95% confidence i
 mean (Student's t), mean time and device; a study without a finished run is listed with n 0. For
 exactly two studies, also the difference of their means with its 95% confidence interval and
 two-sided p-value (Welch's t-test: no assumption that the variances are equal), and the ratio of
-their mean times. Then a note for each study whose recipe source, hyp or data differ from study
-1's, as far as both logs record them: a difference there is part of what is being compared.
+their mean times. Then a note for each study whose recipe source, hyp, data or setup (the GPUs,
+how many ranks, torch's version) differ from study 1's, as far as both logs record them: a
+difference there is part of what is being compared (a time ratio between two GPUs is mostly theirs).
 
 It reads the summary.json that study.py and every recipe's own main write (format airbench-study/1) and needs
 the Python standard library only, so it runs where torch is not installed. It sits at the top
@@ -20,6 +21,7 @@ import os
 import sys
 
 LOG_FORMAT = 'airbench-study/1'
+SETUP = ('device_name', 'device_names', 'world_size', 'torch')  # what a study ran on, where its log says
 
 
 class UserError(Exception):
@@ -136,7 +138,8 @@ def read_study(path):
             'device': cell('device_name', 'device'), 'accuracies': accuracies,
             'mean_time': sum(run['time_seconds'] for run in runs) / len(runs) if runs else None,
             'source': summary.get('source_sha256'), 'hyp': summary.get('hyp'),
-            'data': {key: value for key, value in data.items() if key != 'dir'}, **study_stats(accuracies)}
+            'data': {key: value for key, value in data.items() if key != 'dir'},
+            'setup': {key: summary[key] for key in SETUP if summary.get(key) is not None}, **study_stats(accuracies)}
 
 
 def leaves(tree, prefix=''):
@@ -148,7 +151,7 @@ def leaves(tree, prefix=''):
 
 def differences(first, other):
     """What makes `other` a different experiment from `first`, as far as both logs tell: the recipe's
-    source, hyp entries, the data."""
+    source, hyp entries, the data, the setup."""
     found = []
     if first['source'] and other['source'] and first['source'] != other['source']:
         found.append('recipe source')
@@ -157,9 +160,10 @@ def differences(first, other):
         changed = sorted(key for key in set(a) | set(b) if a.get(key, '?') != b.get(key, '?'))
         if changed:
             found.append(f'hyp ({", ".join(changed[:6])}{", ..." if len(changed) > 6 else ""})')
-    shared = set(first['data']) & set(other['data'])
-    if any(first['data'][key] != other['data'][key] for key in shared):
-        found.append('data (' + ', '.join(sorted(k for k in shared if first['data'][k] != other['data'][k])) + ')')
+    for part in ('data', 'setup'):
+        changed = sorted(key for key in set(first[part]) & set(other[part]) if first[part][key] != other[part][key])
+        if changed:
+            found.append(f'{part} ({", ".join(changed)})')
     return found
 
 

@@ -21,13 +21,15 @@ that defines
                          (study.py's CHECKS cover the keys of this folder's recipes)
     UserError            optional: an exception whose message is one line that says what to do
 
-What a study does: run i is trained on a training loader built after torch.manual_seed(run_seed(seed,
-i)), so a study is the same set of trainings however its runs are spread over processes. Under
-torchrun rank r of K trains runs r, r+K, ... on cuda:LOCAL_RANK (or the CPU); after each round the
-results are gathered over gloo (small Python objects; its timeout is a day, so a download, a compile
-or a slow rank cannot trip it), rank 0 prints the table and writes the one log, and a rank whose run
-fails stops the study with one line naming it (a rank whose process dies, with one line from each
-rank still alive, rank 0 keeping its own finished runs). The log, logs/<recipe>/<UTC time>-<id>/, holds
+What a study does: run i is trained on a training loader built after
+torch.manual_seed(run_seed(seed, i)), so a study is the same set of trainings however its runs are
+spread over processes. Under torchrun the ranks first check that they are about to run one
+experiment (the recipe's source, hyp, data and torch version alike on every machine); rank r of K
+trains runs r, r+K, ... on cuda:LOCAL_RANK (or the CPU); after each round the results are gathered
+over gloo (small Python objects; its timeout is a day, so a download, a compile or a slow rank
+cannot trip it), rank 0 prints the table and writes the one log, and a rank whose run fails stops
+the study with one line naming it (a rank whose process dies, with one line from each rank still
+alive, rank 0 keeping its own finished runs). The log, logs/<recipe>/<UTC time>-<id>/, holds
 summary.json (hyp, every run's result and seed, statistics, status, device, torch, data, command)
 and log.pt (the same, the recipe's source and the accuracies as a tensor), rewritten together after
 every run: a stopped study (Ctrl-C, SIGTERM, a full disk, a failing run) keeps every finished run.
@@ -39,6 +41,7 @@ import copy
 import datetime
 import hashlib
 import importlib.util
+import io
 import json
 import math
 import os
@@ -202,12 +205,22 @@ CHECKS = {
 }
 
 
+def finite(value):
+    """Whether every float in value (a number, or tuples and lists of them) is finite: 1e999 is inf."""
+    if isinstance(value, (list, tuple)):
+        return all(finite(entry) for entry in value)
+    return not isinstance(value, float) or math.isfinite(value)
+
+
 def check_hyp(hyp, recipe=None):
-    """Raises StudyError for the first value that CHECKS (or the recipe's check_hyp) rejects."""
+    """Raises StudyError for the first value that is not finite or that CHECKS (or the recipe's
+    check_hyp) rejects."""
     for key in hyp_keys(hyp):
         value = hyp
         for name in key.split('.'):
             value = value[name]
+        if not finite(value):  # inf or nan pass comparisons such as v > 0, then fail deep in training
+            raise StudyError(f'{key} must be finite, not {value!r}')
         for prefix, (ok, meaning) in CHECKS.items():
             if key == prefix or key.startswith(prefix + '.'):
                 try:
@@ -313,8 +326,9 @@ def atomic_write(writers):
     temporaries = {path: f'{path}.{os.urandom(6).hex()}.tmp' for path in writers}
     try:
         for path, write in writers.items():
+            write(content := io.BytesIO())  # whole, first: torch.save's own writes turn a full disk into a RuntimeError
             with open(temporaries[path], 'xb') as file:  # the permissions of any new file, not mkstemp's 0600
-                write(file)
+                file.write(content.getbuffer())
         for path, temporary in temporaries.items():
             os.replace(temporary, path)
     finally:
@@ -359,7 +373,7 @@ class StudyLog:
 
     def write(self):
         summary = self.summary()
-        text = json.dumps(summary, indent=2) + '\n'
+        text = json.dumps(summary, indent=2, default=repr) + '\n'  # a recipe's hyp may hold a torch.dtype
         accs = torch.tensor([r['tta_val_acc'] for r in summary['runs']], dtype=torch.float64)
         log = {**summary, 'code': self.source, 'accs': accs}
         try:
@@ -463,6 +477,26 @@ def attempt(ranks, errors, what, work):
                          f'{exc if isinstance(exc, errors) else first_line(exc)}'}
 
 
+def experiment(recipe, study_hyp, fingerprint):
+    """What this rank is about to run: the recipe's source, the hyp, the data and torch's version.
+    Each rank loads its own recipe file and data (on another machine, perhaps another copy)."""
+    with open(recipe.__file__, 'rb') as file:
+        source = hashlib.sha256(file.read()).hexdigest()
+    return {'recipe source': source, 'hyp': json.dumps(study_hyp, sort_keys=True, default=repr),
+            'data': {key: value for key, value in fingerprint.items() if key != 'dir'},  # a folder's name may differ
+            'torch version': torch.__version__}
+
+
+def check_one_experiment(experiments):
+    """Raises StudyFailed, on every rank alike, unless every rank's experiment is rank 0's: one log
+    must not mix two recipes, two data sets or two torch versions."""
+    differing = [f'rank {rank} in its {", ".join(part for part in own if own[part] != experiments[0][part])}'
+                 for rank, own in enumerate(experiments) if own != experiments[0]]
+    if differing:
+        raise StudyFailed(f'the ranks differ from rank 0 ({"; ".join(differing)}): a study is one experiment; '
+                          f'give every machine the same recipe file, data and torch')
+
+
 def stop_on_failures(outcomes):
     """Raises StudyFailed, on every rank alike, when any rank's outcome is a failure."""
     errors = [outcome['error'] for outcome in outcomes if outcome is not None and 'error' in outcome]
@@ -488,7 +522,8 @@ def parse_args(argv):
     parser.add_argument('--device', default=None,
                         help='cpu, cuda or cuda:N (default: cuda when available). The CPU trains in fp32, '
                              'hundreds of times slower')
-    parser.add_argument('--log-dir', default='logs', help='where the study log folder is created (default: %(default)s)')
+    parser.add_argument('--log-dir', default='logs',
+                        help='where the study log folder is created (default: %(default)s)')
     parser.add_argument('--seed', type=int, default=None,
                         help='base seed; run i is seeded from (SEED, i), so a study can be repeated '
                              '(default: a random one, printed and logged)')
@@ -540,6 +575,8 @@ def run_study(args, argv, ranks, state):
     if ranks.local_rank == 0:
         ranks.gather(None)
     stop_on_failures(ranks.gather(loaders if isinstance(loaders, dict) else None))
+    fingerprint = data_fingerprint(*loaders)
+    check_one_experiment(ranks.gather(experiment(recipe, study_hyp, fingerprint)))
     base_seed = ranks.gather(secrets.randbits(32) if args.seed is None else args.seed)[0]
     device_names = ranks.gather(device_name(device))
     own_runs = range(ranks.rank, args.runs, ranks.size)
@@ -548,7 +585,7 @@ def run_study(args, argv, ranks, state):
             'command': shlex.join(['study.py'] + argv), 'argv': argv, 'hyp': study_hyp, 'seed': base_seed,
             'device': str(device), 'device_name': device_names[0], 'torch': str(torch.__version__),
             'python': sys.version.split()[0], 'world_size': ranks.size, 'device_names': device_names,
-            'data': data_fingerprint(*loaders)})
+            'data': fingerprint})
         where = device_names[0] if ranks.size == 1 else f'{ranks.size} ranks ({", ".join(device_names)})'
         print(f'{name}: study of {args.runs} run(s) on {where}, torch {torch.__version__}, '
               f'seed {base_seed}, log {log.dir}', flush=True)
@@ -612,7 +649,7 @@ def main(argv=None):
     except KeyboardInterrupt as exc:
         stop.held = True  # stop holds them already; a KeyboardInterrupt raised in a recipe does not
         log, signal_name = state['log'], str(exc) or 'SIGINT'
-        status = 128 + signal.Signals[signal_name]
+        status = 128 + signal.Signals.__members__.get(signal_name, signal.SIGINT)  # a recipe's own: as Ctrl-C
         if ranks.rank > 0:
             fail(f'interrupted ({signal_name}); rank 0 keeps the log', ranks, status)
         if log is None:

@@ -4,6 +4,7 @@ A recipe script joins the whole suite by getting an entry in RECIPES.
 """
 import collections
 import contextlib
+import errno
 import glob
 import importlib
 import json
@@ -331,6 +332,49 @@ def assert_shareable(*paths):
     os.umask(umask)
     for path in paths:
         assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask, f'{path} has mode {os.stat(path).st_mode & 0o777:o}'
+
+
+class FileOnAFullDisk:
+    """A file opened for writing on a disk with `room` bytes left: the write that needs more stores
+    what fits and fails with ENOSPC, as a real disk's does."""
+    def __init__(self, file, room):
+        self.file, self.room = file, room
+
+    def write(self, data):
+        data = bytes(data)
+        if len(data) > self.room:
+            self.file.write(data[:self.room])
+            self.room = 0
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        self.room -= len(data)
+        return self.file.write(data)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.file.close()
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+
+def disk_filling(monkeypatch, module, name, full):
+    """module (a recipe, or study.py) writes each file called `name` (log.pt, train.pt) on a disk that
+    `full(n)` says is full for the n-th such write (n from 1: for log.pt, 1 is the log at creation):
+    that write then fails part-way, 100 bytes in, as on a real disk, where torch.save's own writes
+    would turn the ENOSPC into a RuntimeError. Returns the paths written so far, the list it counts."""
+    real_open, writes = open, []
+
+    def open_on_the_disk(path, mode='r', *args, **kwargs):
+        file = real_open(path, mode, *args, **kwargs)
+        if os.path.basename(path).startswith(f'{name}.') and ('w' in mode or 'x' in mode):
+            writes.append(path)
+            if full(len(writes)):
+                return FileOnAFullDisk(file, 100)
+        return file
+    monkeypatch.setattr(module, 'open', open_on_the_disk, raising=False)
+    return writes
 
 
 def study_args(recipe, data_dir, log_dir, *extra, device='cpu'):

@@ -136,19 +136,21 @@ def test_time_of_zero_gives_no_ratio(tmp_path):
 
 
 def test_notes_on_differences_beyond_the_compared_change(tmp_path):
-    """Two studies that also differ in source, hyp and data say so; equal ones say nothing."""
+    """Two studies that also differ in source, hyp, data and setup say so; equal ones say nothing."""
     hyp = {'opt': {'lr': 11.5, 'momentum': 0.85}, 'aug': {'flip': True}}
     data = {'dir': '/a', 'train_images': 50000, 'train_pixel_sum': 100}
-    same = dict(source_sha256='abc', hyp=hyp, data=data)
+    same = dict(source_sha256='abc', hyp=hyp, data=data, torch='2.4.1', world_size=1)
     first = write_summary(tmp_path / 'a', FIRST, [4.0] * 5, **same)
     done = run_compare(first, write_summary(tmp_path / 'b', SECOND, [4.0] * 4, **{**same, 'data': {**data, 'dir': '/b'}}))
     assert 'note:' not in done.stdout  # the same data in another folder is the same data
     other = write_summary(tmp_path / 'c', SECOND, [4.0] * 4, source_sha256='def',
                           hyp={'opt': {'lr': 10.0, 'momentum': 0.85, 'muon_lr': 0.24}, 'aug': {'flip': True}},
-                          data={**data, 'train_pixel_sum': 99})
+                          data={**data, 'train_pixel_sum': 99}, device_name='NVIDIA H100', torch='2.5.0',
+                          world_size=1)
     done = run_compare(first, other)
     [note] = [line for line in done.stdout.splitlines() if line.startswith('note:')]
-    assert note == 'note: 2 differs from 1 in recipe source; hyp (opt.lr, opt.muon_lr); data (train_pixel_sum)'
+    assert note == ('note: 2 differs from 1 in recipe source; hyp (opt.lr, opt.muon_lr); data (train_pixel_sum); '
+                    'setup (device_name, torch)')
     done = run_compare(first, write_summary(tmp_path / 'd', SECOND, [4.0] * 4))  # an older log: nothing to tell
     assert 'note:' not in done.stdout
 

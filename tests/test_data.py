@@ -8,7 +8,7 @@ import tarfile
 import pytest
 import torch
 
-from conftest import RECIPES, assert_one_line, assert_shareable, subset, write_cache
+from conftest import RECIPES, assert_one_line, assert_shareable, disk_filling, subset, write_cache
 
 
 def make_tarball(path, records_per_batch=3, seed=0):
@@ -152,6 +152,20 @@ def test_interrupted_cache_write_leaves_nothing(recipe, crafted_tarball, tmp_pat
         recipe.load_cifar10(str(data_dir))
     assert sorted(os.listdir(data_dir)) == ['cifar-10-binary.tar.gz']
 
+
+def test_full_disk_while_the_cache_is_built(recipe, crafted_tarball, tmp_path, monkeypatch):
+    """The disk fills part-way through test.pt: one line that names the disk's error (not a cache
+    that looks damaged), and neither file, which a later run would take for the cache."""
+    data_dir = tmp_path / 'cifar10'
+    data_dir.mkdir()
+    served, _ = crafted_tarball
+    os.replace(served, data_dir / 'cifar-10-binary.tar.gz')
+    disk_filling(monkeypatch, recipe, 'test.pt', lambda write: True)
+    with pytest.raises(recipe.UserError) as error:
+        recipe.load_cifar10(str(data_dir))
+    assert str(error.value) == (f'cannot read or build {data_dir / "train.pt"} (OSError: [Errno 28] No space left on '
+                                f'device); check the folder')
+    assert sorted(os.listdir(data_dir)) == ['cifar-10-binary.tar.gz']
 
 def damage_truncate(path):
     path.write_bytes(path.read_bytes()[:1000])

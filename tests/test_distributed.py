@@ -117,6 +117,32 @@ def test_a_failing_rank_stops_the_study(airbench94, tiny_data, tmp_path):
     assert f'1 finished run(s) kept in {tmp_path / "logs"}' in done.stderr
 
 
+def test_ranks_must_run_one_experiment(airbench94):
+    """Each rank loads its own recipe file and data (on other machines, perhaps other copies): any
+    difference from rank 0 stops the study on every rank alike, naming the rank and what differs.
+    The same data in another folder is no difference."""
+    fingerprint = {'dir': '/data/cifar10', 'train_images': 50000, 'train_pixel_sum': 7}
+    study.check_one_experiment([study.experiment(airbench94, airbench94.hyp, fingerprint),
+                                study.experiment(airbench94, airbench94.hyp, {**fingerprint, 'dir': '/mnt/c10'})])
+    own = {'recipe source': 'ab12', 'hyp': '{}', 'data': {'train_images': 50000}, 'torch version': '2.4.1'}
+    with pytest.raises(study.StudyFailed) as failure:
+        study.check_one_experiment([own, dict(own), {**own, 'data': {'train_images': 3000}, 'torch version': '2.5'}])
+    assert str(failure.value).startswith('the ranks differ from rank 0 (rank 2 in its data, torch version): ')
+    for part in own:  # each part of an experiment counts
+        with pytest.raises(study.StudyFailed, match=f'rank 1 in its {part}\\)'):
+            study.check_one_experiment([own, {**own, part: 'other'}])
+
+
+def test_a_rank_with_another_hyp_stops_the_study_before_it_starts(airbench94, tiny_data, tmp_path):
+    """A recipe whose hyp depends on its machine (here on RANK): the one line from rank 0, no log."""
+    recipe_file = tmp_path / 'hyp_by_rank.py'
+    recipe_file.write_text(f'import os\nimport sys\nsys.path.insert(0, {ROOT!r})\nfrom airbench94 import *\n'
+                           "hyp = {**hyp, 'aug': {**hyp['aug'], 'flip': os.environ['RANK'] == '0'}}\n")
+    done, seconds = torchrun(airbench94, tiny_data, tmp_path / 'logs', '--runs', '2', recipe_file=recipe_file)
+    assert done.returncode != 0 and seconds < STUDY_TIMEOUT
+    assert 'study.py: error: the ranks differ from rank 0 (rank 1 in its hyp): ' in done.stderr
+    assert 'study.py", line' not in done.stderr and not (tmp_path / 'logs').exists()
+
 def assert_rank_0_kept(done, summary):
     """Rank 0's one line for a rank whose process died: torchrun's SIGTERM, or the broken connection,
     whichever reached it first, with the log marked to match; no traceback from any rank (torchrun's

@@ -1,6 +1,5 @@
 """Each recipe's own main, the record attempt: its few options, its table and statistics, its log in
 study.py's format, and a stop (SIGTERM, Ctrl-C, a full disk) that keeps every finished run."""
-import errno
 import importlib
 import glob
 import os
@@ -13,9 +12,9 @@ import pytest
 import torch
 
 import compare
-from conftest import (ROOT, assert_one_line, assert_shareable, assert_stopped, both_at_once, only_log, read_summary,
-                      run_main, sigint_handler, signal_after_first_run, sigterm_as_the_ctrl_c_unwinds, tiny_hyp,
-                      train_calling)
+from conftest import (ROOT, assert_one_line, assert_shareable, assert_stopped, both_at_once, disk_filling, only_log,
+                      read_summary, run_main, sigint_handler, signal_after_first_run, sigterm_as_the_ctrl_c_unwinds,
+                      tiny_hyp, train_calling)
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
@@ -76,16 +75,8 @@ def test_cuda_without_cuda(tiny_recipe, tiny_data, capsys):
 
 
 def test_full_disk_keeps_the_last_complete_log(tiny_recipe, tiny_data, tmp_path, capsys, monkeypatch):
-    real_save, saves = torch.save, []
-
-    def save_until_full(obj, file, *args, **kwargs):
-        saves.append(obj)
-        if len(saves) > 2 and 'code' in obj:  # the log at creation and after run 0 fit
-            raise OSError(errno.ENOSPC, 'No space left on device')
-        return real_save(obj, file, *args, **kwargs)
-    monkeypatch.setattr(torch, 'save', save_until_full)
+    disk_filling(monkeypatch, tiny_recipe, 'log.pt', lambda write: write > 2)  # at creation and after run 0: room
     status, _, err = run_main(tiny_recipe, capsys, '--runs', '3', '--data-dir', tiny_data, '--device', 'cpu')
-    monkeypatch.setattr(torch, 'save', real_save)
     folder = only_log(tmp_path / 'logs', tiny_recipe.__name__)
     assert status == 1 and 'No space left on device' in err and '1 finished run(s) kept in' in err
     assert_one_line(err)
@@ -192,6 +183,16 @@ def test_signals_after_the_first_are_ignored(signals, tiny_recipe, tiny_data, tm
     status, _, err, summary = attempt_of_2_runs(tiny_recipe, capsys, tiny_data, tmp_path / 'logs')
     assert_stopped(status, err, summary, 130, 'interrupted (SIGINT); 1 finished run(s) kept in', 'interrupted', 1)
 
+
+def test_a_keyboard_interrupt_of_its_own(tiny_recipe, tiny_data, tmp_path, capsys, monkeypatch):
+    """A KeyboardInterrupt with a message of its own (an edited copy's callback, a library's) in run 1
+    ends the attempt as Ctrl-C does, in one line that gives the message."""
+    def interrupt():
+        raise KeyboardInterrupt('stopped by a callback')
+    train_calling(tiny_recipe, monkeypatch, 1, interrupt)
+    status, _, err, summary = attempt_of_2_runs(tiny_recipe, capsys, tiny_data, tmp_path / 'logs')
+    assert_stopped(status, err, summary, 130, 'interrupted (stopped by a callback); 1 finished run(s) kept in',
+                   'interrupted', 1)
 
 def test_a_signal_while_a_failure_is_logged(tiny_recipe, tiny_data, tmp_path, capsys, monkeypatch):
     """Run 1 fails (a UserError), and a SIGTERM comes while the log is marked failed: ignored."""

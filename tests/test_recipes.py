@@ -56,8 +56,10 @@ AIRBENCH = [name for name in RECIPES if name.startswith('airbench')]
 # log failed, as study.py does, instead of leaving it running. 2026-12-03: 5 lines in every main, so
 # that signals after the first do nothing while the log is marked (Ctrl-C pressed twice), and an
 # inherited SIG_IGN is kept, paid for by shorter docstrings and 2000 inlined for TEST_BATCH_SIZE
-# (budgets down by 1, 3 and 1).
-LINE_BUDGET = {'airbench94_muon': 634, 'airbench96_faster': 651, 'airbench94_hive': 661}
+# (budgets down by 1, 3 and 1). 2026-12-03, later: 1 line in every atomic_write, which serializes a
+# file in memory before writing it, so that a full disk is its one line (torch.save's own writes
+# turn the ENOSPC into a RuntimeError, which left a traceback and a log marked running).
+LINE_BUDGET = {'airbench94_muon': 635, 'airbench96_faster': 652, 'airbench94_hive': 662}
 
 
 @pytest.mark.parametrize('name', AIRBENCH)

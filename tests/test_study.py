@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import study
-from conftest import (RECIPES, ROOT, assert_one_line, assert_shareable, assert_stopped, both_at_once, failed_study,
-                      only_log, read_summary, run_main, sigint_handler, signal_after_first_run,
+from conftest import (RECIPES, ROOT, assert_one_line, assert_shareable, assert_stopped, both_at_once, disk_filling,
+                      failed_study, only_log, read_summary, run_main, sigint_handler, signal_after_first_run,
                       sigterm_as_the_ctrl_c_unwinds, study_args, tiny_overrides, tiny_set_args, train_calling)
 
 SEEDED = ('--seed', '7', '--set', 'opt.label_smoothing = 0.1')  # spaces: the logged command must quote them
@@ -127,16 +127,8 @@ def test_full_disk_mid_study(airbench94, tiny_data, tmp_path, capsys, monkeypatc
     """The disk fills while the log is rewritten after run 1, or as the finished study is marked
     complete: one line and status 1, and summary.json and log.pt both hold their last complete
     write (every run before), never a mix."""
-    real_save, saves = torch.save, []
-
-    def save_until_full(obj, file, *args, **kwargs):
-        saves.append(obj)
-        if len(saves) > writes_before_full:  # the log at creation, after run 0, ...
-            raise OSError(errno.ENOSPC, 'No space left on device')
-        return real_save(obj, file, *args, **kwargs)
-    monkeypatch.setattr(torch, 'save', save_until_full)
+    disk_filling(monkeypatch, study, 'log.pt', lambda write: write > writes_before_full)  # at creation, after run 0, ...
     status, _, err = run_main(study, capsys, *study_args(airbench94, tiny_data, tmp_path, '--runs', str(runs)))
-    monkeypatch.setattr(torch, 'save', real_save)
     folder = only_log(tmp_path, 'airbench94')
     assert status == 1
     assert_one_line(err)
@@ -150,14 +142,7 @@ def test_a_run_the_full_disk_refused_is_kept_once_there_is_room(airbench94, tiny
                                                                  monkeypatch):
     """The disk refuses only the write after run 1 (another job freed space): the study stops in one
     line, and the rewrite that marks the log failed holds run 1 too."""
-    real_save, saves = torch.save, []
-
-    def save_refusing_the_third(obj, file, *args, **kwargs):
-        saves.append(obj)
-        if len(saves) == 3:  # the log at creation, after run 0, after run 1
-            raise OSError(errno.ENOSPC, 'No space left on device')
-        return real_save(obj, file, *args, **kwargs)
-    monkeypatch.setattr(torch, 'save', save_refusing_the_third)
+    disk_filling(monkeypatch, study, 'log.pt', lambda write: write == 3)  # at creation, after run 0, after run 1
     status, _, err, summary = study_of(3, airbench94, capsys, tiny_data, tmp_path)
     assert_stopped(status, err, summary, 1, 'No space left on device', 'failed', 2)
     assert '2 finished run(s) kept' in err
@@ -207,6 +192,8 @@ def test_every_recipe_hyp_passes_the_checks(name):
     (['--set', 'net.widths.block2=0'], 'net.widths.block2 must be at least 1'),
     (['--set', 'opt.momentumm=1'], 'unknown hyp key'),
     (['--set', 'opt.lr_knots=[1, 2]'], 'opt.lr_knots must be (fraction, multiplier) pairs'),
+    (['--set', 'opt.train_epochs=1e999'], 'opt.train_epochs must be finite, not inf'),  # passes v > 0
+    (['--set', 'opt.lr_knots=((0, 1), (1, -1e999))'], 'opt.lr_knots must be finite, not ((0, 1), (1, -inf))'),
     (['--set', 'opt.momentum=fast'], "opt.momentum must be of type float"),
     (['--runs', '0'], '--runs must be at least 1'),
     (['--runs', 'many'], "invalid int value: 'many'"),
@@ -329,6 +316,14 @@ def test_a_bug_gives_its_traceback_then_what_was_kept(airbench94, tiny_data, tmp
     assert read_summary(folder)['status'] == 'failed' and read_summary(folder)['n'] == 1
 
 
+def test_a_keyboard_interrupt_of_the_recipe_s_own(airbench94, tiny_data, tmp_path, capsys, monkeypatch):
+    """A KeyboardInterrupt with a message of its own (an edited recipe's, a library's) ends the study
+    as Ctrl-C does: one line that gives the message, the log marked, status 130."""
+    fail_in_run(airbench94, monkeypatch, 1, KeyboardInterrupt('stopped by a callback'))
+    status, _, err, summary = study_of(2, airbench94, capsys, tiny_data, tmp_path)
+    assert_stopped(status, err, summary, 130, 'interrupted (stopped by a callback); 1 finished run(s) kept in',
+                   'interrupted', 1)
+
 def study_of(runs, recipe, capsys, data_dir, log_dir):
     """study.py on the recipe at test size: (exit status, stdout, stderr, the log's summary)."""
     status, out, err = run_main(study, capsys, *study_args(recipe, data_dir, log_dir, '--runs', str(runs)))
@@ -396,19 +391,14 @@ def test_a_stop_on_a_full_disk_counts_the_runs_the_disk_holds(airbench94, tiny_d
                                                               monkeypatch):
     """SIGTERM cuts the write after run 1 short, and the disk is full for the rewrite that would mark
     the log: the line says 1 run is kept, as the files on disk hold, not the 2 in memory."""
-    real_save, saves = torch.save, []
-
-    def save_signalled_then_full(obj, file, *args, **kwargs):
-        saves.append(obj)
-        if len(saves) == 3:  # the log at creation, after run 0, after run 1
+    def signalled_then_full(write):
+        if write == 3:  # the log at creation, after run 0, after run 1
             os.kill(os.getpid(), signal.SIGTERM)
-        if len(saves) > 3:
-            raise OSError(errno.ENOSPC, 'No space left on device')
-        return real_save(obj, file, *args, **kwargs)
-    monkeypatch.setattr(torch, 'save', save_signalled_then_full)
+        return write > 3
+    writes = disk_filling(monkeypatch, study, 'log.pt', signalled_then_full)
     status, _, err, summary = study_of(3, airbench94, capsys, tiny_data, tmp_path)
     assert_stopped(status, err, summary, 143, 'interrupted (SIGTERM); 1 finished run(s) kept', 'running', 1)
-    assert len(saves) == 4
+    assert len(writes) == 4
 
 
 def test_ctrl_c_while_the_command_line_is_read(tiny_data, tmp_path, capsys, monkeypatch):
@@ -530,11 +520,12 @@ def test_each_run_builds_its_loader_after_its_seed(airbench94, tiny_data, tmp_pa
 
 
 def test_edited_copy_of_a_recipe_runs_by_path(tiny_data, tmp_path, capsys):
-    """A researcher's edited copy, alone in another folder, runs unchanged; its log is its own."""
+    """A researcher's edited copy, alone in another folder, runs unchanged; its log is its own, and
+    holds what JSON cannot (a torch.dtype in its hyp) as its repr."""
     folder = tmp_path / 'research'
     folder.mkdir()
     with open(os.path.join(ROOT, 'airbench94.py')) as file:
-        source = file.read().replace("'label_smoothing': 0.2,", "'label_smoothing': 0.15,")
+        source = file.read().replace("'label_smoothing': 0.2,", "'label_smoothing': 0.15, 'dtype': torch.float16,")
     (folder / 'my_airbench.py').write_text(source)
     recipe = importlib.import_module('airbench94')
     args = study_args(recipe, tiny_data, tmp_path / 'logs', '--runs', '1')
@@ -542,8 +533,9 @@ def test_edited_copy_of_a_recipe_runs_by_path(tiny_data, tmp_path, capsys):
     assert status == 0 and err == '' and 'my_airbench: 1 run' in out
     summary = read_summary(only_log(tmp_path / 'logs', 'my_airbench'))
     assert summary['hyp']['opt']['label_smoothing'] == 0.15 and summary['script'] == 'my_airbench.py'
+    assert summary['hyp']['opt']['dtype'] == 'torch.float16'
     log = torch.load(os.path.join(only_log(tmp_path / 'logs', 'my_airbench'), 'log.pt'), weights_only=True)
-    assert log['code'] == source
+    assert log['code'] == source and log['hyp']['opt']['dtype'] is torch.float16
 
 
 @pytest.mark.parametrize('content, message', [
