@@ -491,7 +491,7 @@ def write_log(folder, info, results):
         atomic_write({os.path.join(folder, 'summary.json'): lambda f: f.write(json.dumps(summary, indent=2).encode()),
                       os.path.join(folder, 'log.pt'): lambda f: torch.save(log, f)})
     except OSError as exc:
-        raise UserError(f'cannot write the log in {folder} ({first_line(exc)})') from None
+        raise UserError(f'cannot write the log in {folder} ({first_line(exc)}); make ./logs writable') from None
     return summary
 
 def main(argv=None):

@@ -86,6 +86,15 @@ def test_full_disk_keeps_the_last_complete_log(tiny_recipe, tiny_data, tmp_path,
     assert_shareable(os.path.join(folder, 'log.pt'), os.path.join(folder, 'summary.json'))
 
 
+def test_logs_that_is_a_file(tiny_recipe, tiny_data, tmp_path, capsys):
+    """A record attempt logs to ./logs; where that is a file, one line says so and what to do."""
+    (tmp_path / 'logs').write_text('')
+    status, _, err = run_main(tiny_recipe, capsys, '--runs', '1', '--data-dir', tiny_data, '--device', 'cpu')
+    name = tiny_recipe.__name__
+    assert status == 1 and err.startswith(f'{name}.py: error: cannot write the log in logs/{name}/')
+    assert err.endswith('); make ./logs writable\n') and (tmp_path / 'logs').is_file()
+    assert_one_line(err)
+
 def test_an_unforeseen_error_marks_the_log_failed(tiny_recipe, tiny_data, tmp_path, capsys, monkeypatch):
     """Out of memory in run 1 (or a bug in an edited copy): its traceback, then one line that says
     where run 0 is kept; the log is marked failed, not left running."""
