@@ -380,7 +380,8 @@ def first_failure(work, tests):
                              timeout=1200)
     except subprocess.TimeoutExpired:  # a mutant that hangs a test would hang CI too: caught, though not by name
         return '(the tests ran past 20 minutes)'
-    failed = re.findall(r'^(?:FAILED|ERROR) (\S+)', run.stdout, re.MULTILINE)
+    # A node id may hold spaces (a parametrized message); pytest ends it with ' - ' and the reason, if any.
+    failed = re.findall(r'^(?:FAILED|ERROR) (.+?)(?: - .*)?$', run.stdout, re.MULTILINE)
     if run.returncode == 0:
         return None
     # A test that sends itself a signal, on a mutant whose handler lets it through, stops pytest itself.
