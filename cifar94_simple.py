@@ -18,7 +18,7 @@ def load_cifar10(data_dir):  # [train, test]: {'images': uint8 N x 32 x 32 x 3, 
             if not os.path.exists(tarball):
                 urllib.request.urlretrieve(URL, tarball)
         except OSError as error:  # a data_dir that is a file fails here too, as no download does
-            sys.exit(f'{data_dir} is a file, not a folder: set CIFAR10_DIR to one' if os.path.isfile(data_dir) else
+            sys.exit(f'{data_dir} is a file; set CIFAR10_DIR' if os.path.isfile(data_dir) else
                      f'cannot download {URL} ({error}); put that file in {data_dir}/ by hand')
         with open(tarball, 'rb') as file:
             if hashlib.md5(file.read()).hexdigest() != 'c32a1d4ab5d03f1284b67883e8d87530':

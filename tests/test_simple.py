@@ -243,7 +243,7 @@ def test_data_path_that_is_a_file_is_not_a_download_failure(tmp_path, monkeypatc
     (tmp_path / 'file').write_text('')
     with pytest.raises(SystemExit) as exit_info:
         simple.load_cifar10(str(tmp_path / 'file'))
-    assert exit_info.value.code == f'{tmp_path / "file"} is a file, not a folder: set CIFAR10_DIR to one'
+    assert exit_info.value.code == f'{tmp_path / "file"} is a file; set CIFAR10_DIR'
 
 
 def test_half_precision_path(small_recipe, monkeypatch):
