@@ -511,9 +511,7 @@ def stop_on_failures(outcomes):
 def parse_args(argv):
     parser = argparse.ArgumentParser(
         prog='study.py', formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=__doc__.split('\n\nThe recipe contract')[0],
-        epilog=__doc__[__doc__.index('The recipe contract'):] + keys_epilog(argv))
-    parser.error = lambda message: parser.exit(2, f'study.py: error: {message} (see --help)\n')
+        description=__doc__.split('\n\nThe recipe contract')[0])
     parser.add_argument('recipe', help='a recipe name (airbench94, airbench95, ...) or the path of a recipe file')
     parser.add_argument('--runs', type=int, default=25, help='timed trainings in the study (default: %(default)s)')
     parser.add_argument('--data-dir', default=None,
@@ -533,19 +531,26 @@ def parse_args(argv):
     parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
                         help="override a leaf of the recipe's hyp, e.g. --set opt.train_epochs=12 --set "
                              "net.widths.block1=96; the value is a Python literal; repeatable")
+    parser.epilog = __doc__[__doc__.index('The recipe contract'):] + keys_epilog(parser, argv)
+    parser.error = lambda message: parser.exit(2, f'study.py: error: {message} (see --help)\n')
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error(f'--runs must be at least 1, not {args.runs}')
     return args
 
 
-def keys_epilog(argv):
-    """With a recipe before --help, the hyp keys that --set accepts for it."""
-    positional = [arg for arg in argv if not arg.startswith('-')]
-    if not ({'-h', '--help'} & set(argv)) or not positional:
+def keys_epilog(parser, argv):
+    """With a recipe anywhere in a command line that asks for --help, the hyp keys that --set accepts
+    for it (found as the parser finds it: `--runs 5 airbench95 --help` names airbench95, not 5)."""
+    if not ({'-h', '--help'} & set(argv)):
         return ''
+    finder = copy.copy(parser)
+
+    def no_recipe(message):  # none given, or a value the parser refuses: the help without keys
+        raise StudyError(message)
+    finder.error = no_recipe
     with contextlib.suppress(StudyError):
-        recipe = load_recipe(positional[0])
+        recipe = load_recipe(finder.parse_known_args([arg for arg in argv if arg not in ('-h', '--help')])[0].recipe)
         return f'\n\n--set keys of {recipe.recipe_name}: {", ".join(hyp_keys(recipe.hyp))}\n'
     return ''
 
