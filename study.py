@@ -634,9 +634,11 @@ def train_run(recipe, study_hyp, base_seed, run, make_train_loader, device, rank
     for key in ('tta_val_acc', 'val_acc', 'time_seconds'):
         try:
             entry[key] = float(entry[key])
+            if not math.isfinite(entry[key]):  # nan from an empty test set: no statistic could use it
+                raise ValueError
         except (KeyError, TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of many numbers
-            raise StudyError(f'{recipe.recipe_name}.train returned {entry.get(key)!r:.60} as {key}, not a number '
-                             f'(the recipe contract, in study.py --help)') from None
+            raise StudyError(f'{recipe.recipe_name}.train returned {entry.get(key)!r:.60} as {key}, not a finite '
+                             f'number (the recipe contract, in study.py --help)') from None
     return json.loads(json.dumps(entry, default=lambda value: value.item() if isinstance(value, torch.Tensor)
                                  and value.numel() == 1 else repr(value)))
 

@@ -488,7 +488,7 @@ def test_a_signal_while_a_round_is_logged_keeps_every_rank_s_run(airbench94, tin
 
 def test_run_results_are_logged_as_numbers(airbench94, tiny_data, tmp_path, capsys, monkeypatch):
     """A recipe may return its accuracies as one-element tensors, and anything else besides: the log
-    holds numbers and reprs, not a traceback from JSON. A result that is not a number is one line."""
+    holds numbers and reprs, not a traceback from JSON. A result that is not a finite number is one line."""
     real_train = airbench94.train
 
     def train_returning_tensors(*args, **kwargs):
@@ -498,10 +498,12 @@ def test_run_results_are_logged_as_numbers(airbench94, tiny_data, tmp_path, caps
     status, _, err = run_main(study, capsys, *study_args(airbench94, tiny_data, tmp_path / 'tensors', '--runs', '1'))
     [run] = read_summary(only_log(tmp_path / 'tensors', 'airbench94'))['runs']
     assert status == 0 and err == '' and isinstance(run['tta_val_acc'], float) and run['extra'] == '{1, 2}'
-    monkeypatch.setattr(airbench94, 'train', lambda *args, **kwargs: (None, {'tta_val_acc': 'high'}))
-    status, _, err = run_main(study, capsys, *study_args(airbench94, tiny_data, tmp_path / 'words', '--runs', '1'))
-    assert status == 1 and "airbench94.train returned 'high' as tta_val_acc, not a number" in err
-    assert_one_line(err)
+    for returned, shown in (('high', "'high'"), (float('nan'), 'nan')):
+        monkeypatch.setattr(airbench94, 'train', lambda *args, **kwargs: (None, {'tta_val_acc': returned}))
+        status, _, err = run_main(study, capsys, *study_args(airbench94, tiny_data, tmp_path / type(returned).__name__,
+                                                           '--runs', '1'))
+        assert status == 1 and f'airbench94.train returned {shown} as tta_val_acc, not a finite number' in err
+        assert_one_line(err)
 
 
 def test_each_run_builds_its_loader_after_its_seed(airbench94, tiny_data, tmp_path, capsys, monkeypatch):

@@ -287,6 +287,7 @@ OWN['study'] = [
     ('--help names the keys of the first argument that is not an option',
      "finder.parse_known_args([arg for arg in argv if arg not in ('-h', '--help')])[0].recipe",
      "[arg for arg in argv if not arg.startswith('-')][0]"),
+    ('a nan accuracy logged', '            if not math.isfinite(entry[key]):  # nan', '            if False:  # nan'),
     ('a stopped study exits 1', 'status = 128 + signal.Signals.__members__.get(signal_name, signal.SIGINT)',
      'status = 1'),
     ('a second signal can cut the last write', '    if not stop.held:\n        stop.held = True\n',
