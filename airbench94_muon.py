@@ -154,8 +154,8 @@ def atomic_write(writers):
     temporaries = {path: f'{path}.{os.urandom(6).hex()}.tmp' for path in writers}
     try:
         for path, write in writers.items():
-            write(content := io.BytesIO())  # whole, first: torch.save's own writes turn a full disk into a RuntimeError
             with open(temporaries[path], 'xb') as file:  # the permissions of any new file: a cache can be shared
+                write(content := io.BytesIO())  # whole first: torch.save's own writes make a full disk a RuntimeError
                 file.write(content.getbuffer())
         for path, temporary in temporaries.items():
             os.replace(temporary, path)

@@ -125,10 +125,17 @@ def hyp_keys(tree, prefix=''):
     return keys
 
 
+def finite(value):
+    """Whether every float in value (a number, or tuples and lists of them) is finite: 1e999 is inf."""
+    if isinstance(value, (list, tuple)):
+        return all(finite(entry) for entry in value)
+    return not isinstance(value, float) or math.isfinite(value)
+
+
 def override_hyp(base, overrides):
     """A deep copy of `base` with `overrides` applied: {'opt.lr': 10.0, 'net.widths.block1': 96}.
-    A dict value sets the entries it names. Unknown keys and values whose type differs from the
-    entry's (an int for a float is fine) raise StudyError."""
+    A dict value sets the entries it names. Unknown keys, values whose type differs from the
+    entry's (an int for a float is fine) and values that are not finite raise StudyError."""
     result = copy.deepcopy(base)
     pending = list(overrides.items())
     while pending:
@@ -148,6 +155,8 @@ def override_hyp(base, overrides):
         except OverflowError:
             raise StudyError(f'{key} must be a float (like {old!r}), not an integer of '
                              f'{len(str(value))} digits') from None
+        if not finite(node[leaf]):  # 1e999 reads as inf, which passes checks such as v > 0 (a recipe's own may mean it)
+            raise StudyError(f'{key} must be finite, not {node[leaf]!r}')
         same_kind = isinstance(old, (list, tuple)) and isinstance(value, (list, tuple))
         if type(node[leaf]) is not type(old) and not same_kind:
             raise StudyError(f'{key} must be of type {type(old).__name__} (like {old!r}), not {value!r}')
@@ -205,22 +214,12 @@ CHECKS = {
 }
 
 
-def finite(value):
-    """Whether every float in value (a number, or tuples and lists of them) is finite: 1e999 is inf."""
-    if isinstance(value, (list, tuple)):
-        return all(finite(entry) for entry in value)
-    return not isinstance(value, float) or math.isfinite(value)
-
-
 def check_hyp(hyp, recipe=None):
-    """Raises StudyError for the first value that is not finite or that CHECKS (or the recipe's
-    check_hyp) rejects."""
+    """Raises StudyError for the first value that CHECKS (or the recipe's check_hyp) rejects."""
     for key in hyp_keys(hyp):
         value = hyp
         for name in key.split('.'):
             value = value[name]
-        if not finite(value):  # inf or nan pass comparisons such as v > 0, then fail deep in training
-            raise StudyError(f'{key} must be finite, not {value!r}')
         for prefix, (ok, meaning) in CHECKS.items():
             if key == prefix or key.startswith(prefix + '.'):
                 try:
@@ -326,8 +325,8 @@ def atomic_write(writers):
     temporaries = {path: f'{path}.{os.urandom(6).hex()}.tmp' for path in writers}
     try:
         for path, write in writers.items():
-            write(content := io.BytesIO())  # whole, first: torch.save's own writes turn a full disk into a RuntimeError
             with open(temporaries[path], 'xb') as file:  # the permissions of any new file, not mkstemp's 0600
+                write(content := io.BytesIO())  # whole first: torch.save's own writes make a full disk a RuntimeError
                 file.write(content.getbuffer())
         for path, temporary in temporaries.items():
             os.replace(temporary, path)
@@ -482,7 +481,11 @@ def experiment(recipe, study_hyp, fingerprint):
     Each rank loads its own recipe file and data (on another machine, perhaps another copy)."""
     with open(recipe.__file__, 'rb') as file:
         source = hashlib.sha256(file.read()).hexdigest()
-    return {'recipe source': source, 'hyp': json.dumps(study_hyp, sort_keys=True, default=repr),
+    try:  # a function's or a set's repr differs from process to process: such a hyp is not compared
+        hyp = json.dumps(study_hyp, sort_keys=True)
+    except (TypeError, ValueError):
+        hyp = None
+    return {'recipe source': source, 'hyp': hyp,
             'data': {key: value for key, value in fingerprint.items() if key != 'dir'},  # a folder's name may differ
             'torch version': torch.__version__}
 

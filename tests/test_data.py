@@ -1,9 +1,11 @@
 """The data contract: the binary tarball, the download, the cache, and the loader's augmentations."""
+import errno
 import hashlib
 import importlib
 import io
 import os
 import tarfile
+import urllib.request
 
 import pytest
 import torch
@@ -166,6 +168,25 @@ def test_full_disk_while_the_cache_is_built(recipe, crafted_tarball, tmp_path, m
     assert str(error.value) == (f'cannot read or build {data_dir / "train.pt"} (OSError: [Errno 28] No space left on '
                                 f'device); check the folder')
     assert sorted(os.listdir(data_dir)) == ['cifar-10-binary.tar.gz']
+
+def test_an_unwritable_data_folder_stops_before_the_download(recipe, crafted_tarball, tmp_path, monkeypatch):
+    """A data folder where no file can be made (read-only, say): one line before a byte of the 170 MB
+    is fetched, not after the whole download."""
+    real_urlopen, reads = urllib.request.urlopen, []
+
+    def counting_urlopen(*args, **kwargs):
+        response = real_urlopen(*args, **kwargs)
+        real_read = response.read
+        response.read = lambda *size: reads.append(size) or real_read(*size)
+        return response
+
+    def read_only(path, mode='r', *args, **kwargs):
+        raise PermissionError(errno.EACCES, 'Permission denied', path)
+    monkeypatch.setattr(urllib.request, 'urlopen', counting_urlopen)
+    monkeypatch.setattr(recipe, 'open', read_only, raising=False)
+    with pytest.raises(recipe.UserError, match='Permission denied'):
+        recipe.load_cifar10(str(tmp_path / 'cifar10'))
+    assert reads == []
 
 def damage_truncate(path):
     path.write_bytes(path.read_bytes()[:1000])

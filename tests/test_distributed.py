@@ -124,6 +124,9 @@ def test_ranks_must_run_one_experiment(airbench94):
     fingerprint = {'dir': '/data/cifar10', 'train_images': 50000, 'train_pixel_sum': 7}
     study.check_one_experiment([study.experiment(airbench94, airbench94.hyp, fingerprint),
                                 study.experiment(airbench94, airbench94.hyp, {**fingerprint, 'dir': '/mnt/c10'})])
+    # A hyp that JSON cannot hold has no repr that is the same in every process (a set's order, a
+    # function's address): it is not compared.
+    assert study.experiment(airbench94, {'aug': {'views': {'flip', 'crop'}}}, fingerprint)['hyp'] is None
     own = {'recipe source': 'ab12', 'hyp': '{}', 'data': {'train_images': 50000}, 'torch version': '2.4.1'}
     with pytest.raises(study.StudyFailed) as failure:
         study.check_one_experiment([own, dict(own), {**own, 'data': {'train_images': 3000}, 'torch version': '2.5'}])

@@ -523,11 +523,13 @@ def test_each_run_builds_its_loader_after_its_seed(airbench94, tiny_data, tmp_pa
 
 def test_edited_copy_of_a_recipe_runs_by_path(tiny_data, tmp_path, capsys):
     """A researcher's edited copy, alone in another folder, runs unchanged; its log is its own, and
-    holds what JSON cannot (a torch.dtype in its hyp) as its repr."""
+    holds what JSON cannot (a torch.dtype in its hyp) as its repr. Its own default of inf is its
+    business (only a --set value must be finite)."""
     folder = tmp_path / 'research'
     folder.mkdir()
     with open(os.path.join(ROOT, 'airbench94.py')) as file:
-        source = file.read().replace("'label_smoothing': 0.2,", "'label_smoothing': 0.15, 'dtype': torch.float16,")
+        source = file.read().replace("'label_smoothing': 0.2,",
+                                     "'label_smoothing': 0.15, 'dtype': torch.float16, 'patience': float('inf'),")
     (folder / 'my_airbench.py').write_text(source)
     recipe = importlib.import_module('airbench94')
     args = study_args(recipe, tiny_data, tmp_path / 'logs', '--runs', '1')
@@ -535,7 +537,7 @@ def test_edited_copy_of_a_recipe_runs_by_path(tiny_data, tmp_path, capsys):
     assert status == 0 and err == '' and 'my_airbench: 1 run' in out
     summary = read_summary(only_log(tmp_path / 'logs', 'my_airbench'))
     assert summary['hyp']['opt']['label_smoothing'] == 0.15 and summary['script'] == 'my_airbench.py'
-    assert summary['hyp']['opt']['dtype'] == 'torch.float16'
+    assert summary['hyp']['opt']['dtype'] == 'torch.float16' and summary['hyp']['opt']['patience'] == float('inf')
     log = torch.load(os.path.join(only_log(tmp_path / 'logs', 'my_airbench'), 'log.pt'), weights_only=True)
     assert log['code'] == source and log['hyp']['opt']['dtype'] is torch.float16
 

@@ -57,10 +57,13 @@ GENERIC = [
      "                file.write(content.getbuffer())\n",
      "                file.write(content.getbuffer())\n            os.replace(temporaries.pop(path), path)\n"),
     ('files serialized straight to the disk (a full disk becomes a RuntimeError)',
-     "            write(content := io.BytesIO())  # whole, first: torch.save's own writes turn a full disk into a "
-     "RuntimeError\n            with open(temporaries[path], 'xb') as file:  # the permissions of any new file: a "
-     "cache can be shared\n                file.write(content.getbuffer())\n",
-     "            with open(temporaries[path], 'xb') as file:\n                write(file)\n"),
+     "                write(content := io.BytesIO())  # whole first: torch.save's own writes make a full disk a "
+     "RuntimeError\n                file.write(content.getbuffer())\n",
+     "                write(file)\n"),
+    ('the download fetched before the folder is found unwritable',
+     "            with open(temporaries[path], 'xb') as file:  # the permissions of any new file: a cache can be shared\n"
+     "                write(content := io.BytesIO())",
+     "            write(content := io.BytesIO())\n            with open(temporaries[path], 'xb') as file:"),
     ('a KeyboardInterrupt of its own crashes the handler',
      "signal.Signals.__members__.get(str(exc), signal.SIGINT)", "signal.Signals[str(exc) or 'SIGINT']"),
     ('Lookahead decay exponent 3 -> 2', '(step / total_steps) ** 3', '(step / total_steps) ** 2'),
@@ -265,16 +268,16 @@ OWN['study'] = [
     ('a signal after the last run marks a complete study interrupted', '    stop.held = True  # every run is done',
      '    pass  # every run is done'),
     ('log files renamed into place one by one (not atomically)',
-     "  # the permissions of any new file, not mkstemp's 0600\n                file.write(content.getbuffer())\n",
-     "\n                file.write(content.getbuffer())\n            os.replace(temporaries.pop(path), path)\n"),
+     "a full disk a RuntimeError\n                file.write(content.getbuffer())\n",
+     "a full disk a RuntimeError\n                file.write(content.getbuffer())\n"
+     "            os.replace(temporaries.pop(path), path)\n"),
     ('log files serialized straight to the disk (a full disk becomes a RuntimeError)',
-     "            write(content := io.BytesIO())  # whole, first: torch.save's own writes turn a full disk into a "
-     "RuntimeError\n            with open(temporaries[path], 'xb') as file:  # the permissions of any new file, not "
-     "mkstemp's 0600\n                file.write(content.getbuffer())\n",
-     "            with open(temporaries[path], 'xb') as file:\n                write(file)\n"),
+     "                write(content := io.BytesIO())  # whole first: torch.save's own writes make a full disk a "
+     "RuntimeError\n                file.write(content.getbuffer())\n",
+     "                write(file)\n"),
     ('a KeyboardInterrupt of the recipe\'s own crashes the handler',
      'signal.Signals.__members__.get(signal_name, signal.SIGINT)', 'signal.Signals[signal_name]'),
-    ('an infinite --set value accepted', '        if not finite(value):  # inf or nan', '        if False:  # inf or nan'),
+    ('an infinite --set value accepted', '        if not finite(node[leaf]):  # 1e999', '        if False:  # 1e999'),
     ('ranks not checked for one experiment', '    check_one_experiment(ranks.gather(', '    (ranks.gather('),
     ("a rank's data compared with its folder", "items() if key != 'dir'},  # a folder's name", "items()},  # a folder's name"),
     ('a stopped study marked complete', "log.close('interrupted')", "log.close('complete')"),
