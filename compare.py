@@ -149,6 +149,13 @@ def leaves(tree, prefix=''):
     return {key: value for name, entry in tree.items() for key, value in leaves(entry, f'{prefix}{name}.').items()}
 
 
+def same_entry(key, a, b):
+    """A record attempt's log names its CPU 'cpu', a study's 'cpu (N threads)': only a study knows the threads."""
+    if key == 'device_name' and 'cpu' in (a, b):
+        return str(a).split(' (')[0] == str(b).split(' (')[0]
+    return a == b
+
+
 def differences(first, other):
     """What makes `other` a different experiment from `first`, as far as both logs tell: the recipe's
     source, hyp entries, the data, the setup."""
@@ -161,7 +168,8 @@ def differences(first, other):
         if changed:
             found.append(f'hyp ({", ".join(changed[:6])}{", ..." if len(changed) > 6 else ""})')
     for part in ('data', 'setup'):
-        changed = sorted(key for key in set(first[part]) & set(other[part]) if first[part][key] != other[part][key])
+        changed = sorted(key for key in set(first[part]) & set(other[part])
+                         if not same_entry(key, first[part][key], other[part][key]))
         if changed:
             found.append(f'{part} ({", ".join(changed)})')
     return found

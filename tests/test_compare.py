@@ -155,6 +155,18 @@ def test_notes_on_differences_beyond_the_compared_change(tmp_path):
     assert 'note:' not in done.stdout
 
 
+def test_a_cpu_of_unknown_threads_is_not_a_setup_difference(tmp_path):
+    """A record attempt on the CPU logs 'cpu', a study 'cpu (N threads)': the same CPU unless the threads differ."""
+    def note(first_cpu, other_cpu):
+        pair = tmp_path / f'{first_cpu} vs {other_cpu}'
+        done = run_compare(write_summary(pair / 'a', FIRST, [4.0] * 5, device_name=first_cpu),
+                           write_summary(pair / 'b', SECOND, [4.0] * 4, device_name=other_cpu))
+        return [line for line in done.stdout.splitlines() if line.startswith('note:')]
+    assert note('cpu', 'cpu (2 threads)') == [] and note('cpu (2 threads)', 'cpu') == []
+    assert note('cpu (2 threads)', 'cpu (16 threads)') == ['note: 2 differs from 1 in setup (device_name)']
+    assert note('cpu', 'NVIDIA A100') == ['note: 2 differs from 1 in setup (device_name)']
+
+
 def test_missing_or_null_text_fields_are_shown_as_unknown(tmp_path):
     """A summary written by hand or by an older tool: null where the table wants text is '?'."""
     done = run_compare(write_summary(tmp_path / 'a', FIRST, [4.0] * 5, script=None, device_name=None, status=None),
