@@ -545,7 +545,8 @@ def parse_args(argv):
 def keys_epilog(parser, argv):
     """With a recipe anywhere in a command line that asks for --help, the hyp keys that --set accepts
     for it (found as the parser finds it: `--runs 5 airbench95 --help` names airbench95, not 5)."""
-    if not ({'-h', '--help'} & set(argv)):
+    asks_for_help = [arg for arg in argv if arg == '-h' or len(arg) > 2 and '--help'.startswith(arg)]  # --hel too
+    if not asks_for_help:
         return ''
     finder = copy.copy(parser)
 
@@ -553,7 +554,7 @@ def keys_epilog(parser, argv):
         raise StudyError(message)
     finder.error = no_recipe
     with contextlib.suppress(StudyError):
-        recipe = load_recipe(finder.parse_known_args([arg for arg in argv if arg not in ('-h', '--help')])[0].recipe)
+        recipe = load_recipe(finder.parse_known_args([arg for arg in argv if arg not in asks_for_help])[0].recipe)
         return f'\n\n--set keys of {recipe.recipe_name}: {", ".join(hyp_keys(recipe.hyp))}\n'
     return ''
 
