@@ -505,9 +505,8 @@ def main(argv=None):
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
                         help='cuda, cuda:N or cpu (default: %(default)s; the CPU is hundreds of times slower)')
     args = parser.parse_args(argv)
-    previous_handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
-    for number in [number for number, handler in previous_handlers.items() if handler is not signal.SIG_IGN]:
-        signal.signal(number, stop)  # ignored (a background job's Ctrl-C) stays ignored
+    previous_handlers = {number: signal.signal(number, stop) for number in (signal.SIGINT, signal.SIGTERM)
+                         if signal.getsignal(number) is not signal.SIG_IGN}  # a background job's Ctrl-C stays ignored
     folder, results, saved, stop.held = None, [], 0, False  # saved: how many runs the log on disk holds
     try:
         if args.runs < 1:
@@ -548,7 +547,10 @@ def main(argv=None):
                 saved = write_log(folder, {**info, 'status': 'interrupted' if interrupted else 'failed'}, results)['n']
             message += f'; {saved} finished run(s) kept in {folder}'
         print(f'{name}.py: {message}', file=sys.stderr)
-        sys.exit(128 + signal.Signals.__members__.get(str(exc), signal.SIGINT) if interrupted else 1)
+        number = signal.Signals.__members__.get(str(exc), signal.SIGINT)
+        if interrupted and argv is None:  # as the program, die of it (as study.py does): a shell's loop then stops
+            sys.stdout.flush(), signal.signal(number, signal.SIG_DFL), signal.raise_signal(number)
+        sys.exit(128 + number if interrupted else 1)
     finally:
         for number, handler in previous_handlers.items():
             signal.signal(number, handler)

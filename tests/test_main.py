@@ -222,24 +222,50 @@ def test_an_ignored_ctrl_c_stays_ignored(tiny_recipe, tiny_data, tmp_path, capsy
     assert status == 0 and err == '' and summary['status'] == 'complete' and summary['n'] == 2
 
 
+def record_attempt_process(tmp_path, tiny_data, runs, before_main=''):
+    """A fresh interpreter (its own signal handlers, not pytest's) that runs airbench94's record attempt
+    as the program does, main() without argv, on tiny data in tmp_path; `before_main` is Python run
+    first, with os, signal and the recipe imported. (Popen with stdout and stderr piped, the recipe.)"""
+    recipe = importlib.import_module('airbench94')
+    buffered = {key: value for key, value in os.environ.items() if key != 'PYTHONUNBUFFERED'}  # as by default
+    wrapper = tmp_path / 'tiny_record_attempt.py'
+    wrapper.write_text(f'import os, signal, sys\nsys.path[:0] = [{ROOT!r}, {TESTS!r}]\nimport conftest\n'
+                       f'import {recipe.__name__} as recipe\nrecipe.hyp = conftest.tiny_hyp(recipe)\n'
+                       f'{before_main}\nrecipe.main()\n')
+    process = subprocess.Popen([sys.executable, str(wrapper), '--runs', str(runs), '--data-dir', tiny_data,
+                                '--device', 'cpu'], cwd=tmp_path, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=buffered,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    return process, recipe
+
+
 @pytest.mark.parametrize('signal_number', [signal.SIGTERM, signal.SIGINT])
 def test_stopped_record_attempt_process(signal_number, tiny_data, tmp_path):
-    """The real process of airbench94, tiny, stopped after its first run (the handlers of a fresh
-    interpreter, not pytest's): one line, the log marked interrupted."""
-    recipe, name = importlib.import_module('airbench94'), signal.Signals(signal_number).name
-    status = 128 + signal_number
-    wrapper = tmp_path / 'tiny_record_attempt.py'
-    wrapper.write_text(f'import sys\nsys.path[:0] = [{ROOT!r}, {TESTS!r}]\nimport conftest\n'
-                       f'import {recipe.__name__} as recipe\nrecipe.hyp = conftest.tiny_hyp(recipe)\n'
-                       f'recipe.main()\n')
-    process = subprocess.Popen([sys.executable, str(wrapper), '--runs', '500', '--data-dir', tiny_data,
-                                '--device', 'cpu'], cwd=tmp_path, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    """The real process, stopped after its first run: one line, the log marked interrupted, and the
+    process dies of the signal, as study.py does (a shell's loop of attempts stops at a Ctrl-C only
+    after a command the signal killed; it goes on after an exit status of 130)."""
+    process, recipe = record_attempt_process(tmp_path, tiny_data, 500)
     err = signal_after_first_run(process, tmp_path / 'logs', recipe.__name__, signal_number)
     folder = only_log(tmp_path / 'logs', recipe.__name__)
     summary = read_summary(folder)
-    assert process.returncode == status
+    assert process.returncode == -signal_number
     assert_one_line(err)
+    name = signal.Signals(signal_number).name
     assert f'interrupted ({name}); {summary["n"]} finished run(s) kept in {os.path.relpath(folder, tmp_path)}' in err
     assert summary['status'] == 'interrupted' and 1 <= summary['n'] < 500
+
+
+def test_a_process_that_dies_of_its_signal_flushes_its_output_first(tiny_data, tmp_path):
+    """What the attempt printed to a pipe (which Python buffers) is still written, though the signal
+    kills the process: here a line printed just before a SIGTERM that the attempt sends itself."""
+    process, _ = record_attempt_process(tmp_path, tiny_data, 3, before_main=(
+        'real_train = recipe.train\n'
+        'def train(*args, run=None, **kwargs):\n'
+        '    if run == 1:\n'
+        '        print("run 1 starts", end="")\n'
+        '        os.kill(os.getpid(), signal.SIGTERM)\n'
+        '    return real_train(*args, run=run, **kwargs)\n'
+        'recipe.train = train'))
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == -signal.SIGTERM and 'interrupted (SIGTERM); 1 finished run(s) kept in' in err
+    assert out.endswith('run 1 starts')
