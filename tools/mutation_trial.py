@@ -32,6 +32,8 @@ AIRBENCH = ['airbench94', 'airbench94_compiled', 'airbench95', 'airbench96', 'ai
 NOT_RUN = ('test_compiled_training_equals_plain_training', 'test_sibling_stays_within_its_diff_bound',
            'test_recipe_within_its_line_budget', 'test_sibling_keeps_the_anatomy', 'test_line_budget_and_style')
 OWN_TESTS = {  # tests that import the recipe themselves, beyond those parametrized with its name
+    'airbench94': ['tests/test_main.py::test_stopped_record_attempt_process',  # a fresh interpreter's
+                   'tests/test_main.py::test_a_process_that_dies_of_its_signal_flushes_its_output_first'],
     'airbench94_compiled': ['tests/test_recipes.py::test_network_is_compiled_once_and_reused',
                             'tests/test_recipes.py::test_warmup_compiles_and_reports_its_time'],
     'airbench96_faster': ['tests/test_faster.py'],
@@ -121,7 +123,11 @@ GENERIC = [
      '        pass  # first, and no call'),
     ('a signal while the first unwinds escapes', '    if not stop.held:\n        stop.held = True\n',
      '    if not stop.held:\n        pass\n'),
-    ('an inherited SIG_IGN overridden', 'if handler is not signal.SIG_IGN]:', 'if True]:'),
+    ('an inherited SIG_IGN overridden', 'if signal.getsignal(number) is not signal.SIG_IGN}', 'if True}'),
+    ('a stopped attempt exits with a status, not dying of its signal', '        if interrupted and argv is None:',
+     '        if False:'),
+    ('what a stopped attempt printed is lost as it dies', '            sys.stdout.flush(), signal.signal(number,',
+     '            signal.signal(number,'),
 ]
 
 # What the base recipe, airbench94, gets in full; its siblings share these lines, and get this sample
